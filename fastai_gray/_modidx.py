@@ -26,4 +26,6 @@ d = { 'settings': { 'branch': 'main',
                                   'fastai_gray.stem.exact_gray_weights': ('stem.html#exact_gray_weights', 'fastai_gray/stem.py'),
                                   'fastai_gray.stem.find_first_conv': ('stem.html#find_first_conv', 'fastai_gray/stem.py'),
                                   'fastai_gray.stem.sum_gray_weights': ('stem.html#sum_gray_weights', 'fastai_gray/stem.py'),
-                                  'fastai_gray.stem.update_first_layer': ('stem.html#update_first_layer', 'fastai_gray/stem.py')}}}
+                                  'fastai_gray.stem.update_first_layer': ('stem.html#update_first_layer', 'fastai_gray/stem.py')},
+            'fastai_gray.weights': { 'fastai_gray.weights.cache_dir': ('weights.html#cache_dir', 'fastai_gray/weights.py'),
+                                     'fastai_gray.weights.lite0_checkpoint': ('weights.html#lite0_checkpoint', 'fastai_gray/weights.py')}}}
