@@ -55,8 +55,10 @@ def lite0():
     return model.eval()
 
 
-def test_real_lite0_on_real_photos(lite0):
-    stats = (lite0.pretrained_cfg['mean'], lite0.pretrained_cfg['std'])
+@pytest.mark.parametrize('which', ['timm', 'imagenet'])
+def test_real_lite0_on_real_photos(lite0, which):
+    "Lite0's own stats (0.5 for every channel) and ImageNet's per-channel stats, which most archs use"
+    stats = (lite0.pretrained_cfg['mean'], lite0.pretrained_cfg['std']) if which == 'timm' else imagenet_stats
     gray = update_first_layer(copy.deepcopy(lite0), stats=stats).eval()
     g = gray_photo_crops()
     assert len(g) >= 40
@@ -69,14 +71,17 @@ def test_real_lite0_on_real_photos(lite0):
     assert max(errors) <= 1e-5
 
 
-def test_sum_recipe_is_not_exact_on_real_weights(lite0):
-    "The same check fails for fastai's recipe (sum, no normalization): the test can tell exact from inexact"
-    stats = (lite0.pretrained_cfg['mean'], lite0.pretrained_cfg['std'])
+def test_sum_recipes_are_not_exact_on_real_weights(lite0):
+    """The same check fails for fastai's recipe (sum, raw pixels) and, with per-channel stats, for the sum plus gray
+    normalization: the test tells exact from inexact. (With Lite0's uniform stats the sum plus gray normalization is
+    exact already: there is nothing per-channel to fold.)"""
     summed = update_first_layer(copy.deepcopy(lite0), init='sum').eval()
     g = gray_photo_crops(per_photo=1)
-    x3, _ = normalized_pair(g, stats)
-    with torch.no_grad(): y3, y1 = lite0(x3), summed(g)
-    assert np.mean(relative_errors(y1, y3)) > 0.1
+    for stats, gray_normalized in [((lite0.pretrained_cfg['mean'], lite0.pretrained_cfg['std']), False),
+                                   (imagenet_stats, False), (imagenet_stats, True)]:
+        x3, x1 = normalized_pair(g, stats)
+        with torch.no_grad(): y3, y1 = lite0(x3), summed(x1 if gray_normalized else g)
+        assert np.mean(relative_errors(y1, y3)) > 0.1
 
 
 def timm_model(name, **kw):
