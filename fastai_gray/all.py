@@ -7,11 +7,12 @@ Docs: https://fastai-gray.github.io/fastai_gray/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #3f546b56
+# %% ../nbs/99_all.ipynb #beaca948
 from .core import *
 from .data import *
 from .stem import *
 from .weights import *
 from .learner import *
-from . import core, data, stem, weights, learner
-__all__ = [name for module in (core, data, stem, weights, learner) for name in module.__all__]
+from .distributed import *
+from . import core, data, stem, weights, learner, distributed
+__all__ = [name for module in (core, data, stem, weights, learner, distributed) for name in module.__all__]
