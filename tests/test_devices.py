@@ -1,0 +1,53 @@
+"""The converted stem under mixed precision and other memory formats (CPU here; CUDA/float16 where a GPU exists)."""
+import copy
+import pytest
+import torch
+from torchvision.models import resnet18
+from fastai.vision.core import imagenet_stats
+from fastai_gray.core import gray_stats
+from fastai_gray.stem import update_first_layer
+
+
+@pytest.fixture(scope='module')
+def models():
+    torch.manual_seed(0)
+    m3 = resnet18(num_classes=10).eval()
+    return m3, update_first_layer(copy.deepcopy(m3)).eval()
+
+
+def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_bfloat16_autocast_on_cpu(models):
+    _, m1 = models
+    x = torch.randn(2, 1, 67, 91)
+    with torch.no_grad():
+        ref = m1(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = m1(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y, ref) < 5e-2
+
+
+def test_channels_last_and_to_device(models):
+    _, m1 = models
+    x = torch.randn(2, 1, 67, 91)
+    with torch.no_grad():
+        ref = m1(x)
+        cl = copy.deepcopy(m1).to('cpu', memory_format=torch.channels_last)
+        y = cl(x.contiguous(memory_format=torch.channels_last))
+    assert rel(y, ref) < 1e-5
+
+
+def test_double_precision(models):
+    "A float64 model converts in float64: the converted model matches the original to 1e-10, and `.double()` of a converted one runs"
+    m3, m1 = models
+    m3 = copy.deepcopy(m3).double()
+    (m,), (s,) = gray_stats(imagenet_stats)
+    g = torch.rand(1, 1, 45, 61, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in imagenet_stats)
+    with torch.no_grad():
+        y3 = m3((g.expand(-1, 3, -1, -1) - mean) / std)
+        y1 = update_first_layer(copy.deepcopy(m3)).eval()((g - m) / s)
+        assert copy.deepcopy(m1).double()((g - m) / s).dtype == torch.float64
+    assert y1.dtype == torch.float64 and rel(y1, y3) < 1e-10
