@@ -7,7 +7,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/data.html.md"""
 # %% auto #0
 __all__ = ['TensorImageGray', 'PILImageGray', 'gray_image', 'GrayTransform', 'GrayImageBlock', 'to_gray']
 
-# %% ../nbs/01_data.ipynb #9505db73
+# %% ../nbs/01_data.ipynb #bb23e294
 import copy, io
 from functools import partial
 from pathlib import Path
@@ -23,7 +23,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.vision.core import PILBase, PILImageBW, PILMask
 from .core import luma
 
-# %% ../nbs/01_data.ipynb #2711e06a
+# %% ../nbs/01_data.ipynb #535315b8
 class TensorImageGray(TensorImageBW):
     "A 1-channel image tensor that shows as gray: 0 black, white at 1 for floats and at 255 for integers"
     _show_args = {'cmap': 'gray'}
@@ -32,18 +32,18 @@ class TensorImageGray(TensorImageBW):
         white = 1 if self.is_floating_point() else 255
         return show_image(self, ctx=ctx, **{'cmap': 'gray', 'vmin': 0, 'vmax': white, **kwargs})
 
-# %% ../nbs/01_data.ipynb #98f4139f
+# %% ../nbs/01_data.ipynb #cbc08efe
 class PILImageGray(PILImageBW):
     "A 1-channel Pillow image (mode 'L', or 'F' on the same 0..255 scale) that shows as gray and converts to `TensorImageGray`"
     _tensor_cls = TensorImageGray
     _show_args = {'cmap': 'gray', 'vmin': 0, 'vmax': 255}
 
     @classmethod
-    def create(cls, fn:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0.):
-        "A `PILImageGray` from anything `gray_image` reads, transparency composited over the gray level `background`"
-        return cls(gray_image(fn, background=background))
+    def create(cls, fn:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0., draft:int|tuple|None=None):
+        "A `PILImageGray` from anything `gray_image` reads, transparency composited over the gray level `background`; JPEG files decoded at no less than `draft`"
+        return cls(gray_image(fn, background=background, draft=draft))
 
-# %% ../nbs/01_data.ipynb #2a73d63e
+# %% ../nbs/01_data.ipynb #b10b3582
 _ARRAY_DTYPES = {np.uint8, np.uint16, np.bool_, np.float16, np.float32, np.float64}
 _TENSOR_DTYPES = {torch.uint8, torch.uint16, torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -63,7 +63,7 @@ def _tensor_as_hwc(t:Tensor):
     if t.dtype == torch.bfloat16: t = t.float()
     return (t.permute(1, 2, 0) if t.ndim == 3 else t).numpy()
 
-# %% ../nbs/01_data.ipynb #3e71286b
+# %% ../nbs/01_data.ipynb #5e758829
 def _over_background(rgb:np.ndarray, alpha:np.ndarray, background:float, full:float):
     "`rgb` (HxWx3) with opacity `alpha` (HxW) composited over the gray level `background` (0..1); `full` is white and opaque"
     if alpha.min() < 0 or alpha.max() > full:
@@ -91,7 +91,7 @@ def _gray_from_array(a:np.ndarray, background:float):
     if a.dtype == np.uint8: return _gray_8bit(a, background)
     return _gray_float(a, 65535. if a.dtype.type is np.uint16 else 1., background)  # `.type`: also big-endian '>u2'
 
-# %% ../nbs/01_data.ipynb #0fddffb2
+# %% ../nbs/01_data.ipynb #ccec7b00
 _ALPHA_MODES = {'RGBA', 'RGBa', 'LA', 'La', 'PA'}
 _KEYED_MODES = {'L', 'RGB', 'P'}  # modes whose `info['transparency']` names a transparent value or palette entry
 _VIA_RGB_MODES = {'P', 'CMYK', 'HSV', 'LAB', 'RGBX'}
@@ -121,31 +121,47 @@ def _gray_from_pil(im:Image.Image, background:float):
     if m == 'I': return _gray_from_array(_as_16bit(np.asarray(im)), background)
     raise ValueError(f"gray_image cannot convert PIL mode {m!r}")
 
-# %% ../nbs/01_data.ipynb #e65b873b
-def _read_image(src:Path|str|bytes):
-    "The first frame of the image file `src` (a file name, `Path` or the file's bytes), loaded"
+# %% ../nbs/01_data.ipynb #e24a2a24
+_DRAFT_FORMATS = {'JPEG', 'MPO'}  # the PIL formats with a `draft` (MPO: multi-picture JPEG)
+
+def _is_size(v): return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v > 0
+
+def _draft_size(draft:int|tuple|None):
+    "`draft` (None, a size in pixels, or a `(width, height)` pair) as the `(width, height)` PIL's `draft` takes"
+    if draft is None: return None
+    size = (draft, draft) if _is_size(draft) else draft
+    try: w, h = size
+    except (TypeError, ValueError): w = h = None
+    if not (_is_size(w) and _is_size(h)):
+        raise ValueError(f"draft is the least size to decode a JPEG at: a positive int or a (width, height) pair of them, got {draft!r}")
+    return int(w), int(h)
+
+def _read_image(src:Path|str|bytes, draft:int|tuple|None=None):
+    "The first frame of the image file `src` (a file name, `Path` or the file's bytes), loaded; a JPEG as its luma, at no less than `draft`"
     name = f'<{len(src)} bytes>' if isinstance(src, bytes) else repr(str(src))
+    size = _draft_size(draft)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            if im.format in _DRAFT_FORMATS: im.draft('L', size)  # CMYK JPEGs keep their mode, and are only scaled
             im.load()
             return im.copy()
     except (OSError, SyntaxError, EOFError, ValueError) as e:
         raise (type(e) if isinstance(e, OSError) else OSError)(f"cannot read image {name}: {e}") from e
 
-# %% ../nbs/01_data.ipynb #8fca9858
+# %% ../nbs/01_data.ipynb #e45152af
 def _check_background(background:float):
     if not 0 <= background <= 1: raise ValueError(f"background is a gray level in [0, 1], got {background!r}")
 
-def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0.) -> Image.Image:
-    "`x` (image file, its bytes, PIL image, array or tensor) as a new 1-channel PIL image: 'L' for 8-bit data, 'F' on the 0..255 scale for 16-bit and float data; transparency composited over the gray level `background` (0..1)"
+def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0., draft:int|tuple|None=None) -> Image.Image:
+    "`x` (image file, its bytes, PIL image, array or tensor) as a new 1-channel PIL image: 'L' for 8-bit data, 'F' on the 0..255 scale for 16-bit and float data; transparency composited over the gray level `background` (0..1); JPEG files decoded to luma, at no less than `draft` pixels"
     _check_background(background)
-    if isinstance(x, (str, Path, bytes)): x = _read_image(x)
+    if isinstance(x, (str, Path, bytes)): x = _read_image(x, draft)
     if isinstance(x, Image.Image): return _gray_from_pil(x, background)
     if isinstance(x, Tensor): x = _tensor_as_hwc(x)
     if isinstance(x, np.ndarray): return _gray_from_array(x, background)
     raise TypeError(f"gray_image reads a file name, Path, bytes, PIL image, numpy array or torch tensor, got {type(x).__name__}")
 
-# %% ../nbs/01_data.ipynb #8d7645f9
+# %% ../nbs/01_data.ipynb #bf749452
 class GrayTransform(DisplayedTransform):
     "Item transform making every image a 1-channel `PILImageGray`, transparency over the gray level `background`; labels and masks pass through"
     order = -1  # before CropPad (0), Resize and RandomResizedCrop (1), ToTensor (5)
@@ -164,17 +180,19 @@ class GrayTransform(DisplayedTransform):
     def encodes(self, x:TensorBase): return x
     def encodes(self, x:TensorImage): return self._gray(x)
 
-# %% ../nbs/01_data.ipynb #c8ddcb31
-def _gray_create(background:float=0.):
-    "The type transform that opens gray images: `PILImageGray.create`, with `background` bound when it is not black"
+# %% ../nbs/01_data.ipynb #23c9b884
+def _gray_create(background:float=0., draft:int|tuple|None=None):
+    "The type transform that opens gray images: `PILImageGray.create`, with `background` and `draft` bound when not the defaults"
     _check_background(background)
-    return PILImageGray.create if background == 0 else partial(PILImageGray.create, background=background)
+    _draft_size(draft)
+    kwargs = {k: v for k, v in (('background', background), ('draft', draft)) if v}
+    return partial(PILImageGray.create, **kwargs) if kwargs else PILImageGray.create
 
-def GrayImageBlock(background:float=0.):
-    "A `TransformBlock` for 1-channel `PILImageGray` images, transparency composited over the gray level `background`"
-    return TransformBlock(type_tfms=_gray_create(background), batch_tfms=IntToFloatTensor)
+def GrayImageBlock(background:float=0., draft:int|tuple|None=None):
+    "A `TransformBlock` for 1-channel `PILImageGray` images, transparency over the gray level `background`, JPEGs decoded at no less than `draft`"
+    return TransformBlock(type_tfms=_gray_create(background, draft), batch_tfms=IntToFloatTensor)
 
-# %% ../nbs/01_data.ipynb #6f2fb2ca
+# %% ../nbs/01_data.ipynb #582f97d0
 def _is_image_create(f):
     "Whether type transform `f` is the `create` of a `PILBase` image class (not a mask), maybe in a `partial`"
     if isinstance(f, partial): f = f.func
@@ -182,12 +200,12 @@ def _is_image_create(f):
     return (getattr(f, '__name__', None) == 'create' and isinstance(cls, type)
             and issubclass(cls, PILBase) and not issubclass(cls, PILMask))
 
-def to_gray(dblock:DataBlock, background:float=0.) -> DataBlock:
-    "A copy of `dblock` whose image blocks make 1-channel `PILImageGray`s (transparency over gray level `background`); `dblock` is unchanged"
+def to_gray(dblock:DataBlock, background:float=0., draft:int|tuple|None=None) -> DataBlock:
+    "A copy of `dblock` whose image blocks make 1-channel `PILImageGray`s (transparency over gray level `background`, JPEGs decoded at no less than `draft`); `dblock` is unchanged"
     if not any(_is_image_create(f) for tfms in dblock.type_tfms for f in tfms):
         raise ValueError("to_gray needs a DataBlock with an image block (a type transform like `PILImage.create`); "
                          f"this one's type transforms are {list(dblock.type_tfms)}")
-    gray = _gray_create(background)
+    gray = _gray_create(background, draft)
     res = copy.deepcopy(dblock)
     res.type_tfms = L(L(gray if _is_image_create(f) else f for f in tfms) for tfms in res.type_tfms)
     return res

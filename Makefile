@@ -1,0 +1,24 @@
+# The everyday commands, from the repository root. The tools of ./.venv are used when it exists.
+# See "Developing" in README.md.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export MPLBACKEND ?= Agg
+
+.PHONY: export test bench docs readme tutorials
+
+export:     ## notebooks -> fastai_gray/*.py, notebooks cleaned
+	nbdev-export && nbdev-clean
+
+test:       ## tests/, every notebook, the docs site in headless Chromium
+	python -m pytest
+
+bench:      ## the quick benchmark, results in nbs/bench/
+	fastai-gray bench --quick
+
+docs:       ## the docs site into _docs/, offline (nbdev processing + smalldocs)
+	python tools/docs.py build
+
+readme:     ## README.md from nbs/index.ipynb
+	python tools/docs.py readme
+
+tutorials:  ## run the tutorials and keep their outputs (figures, tables) for the docs
+	python tools/docs.py run nbs/tutorials/*.ipynb && nbdev-clean

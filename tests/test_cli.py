@@ -1,0 +1,157 @@
+"`fastai-gray`: train -> export -> predict on tiny folders and a CSV, and every bad input as one line on stderr."
+import subprocess, sys, types
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from fastai_gray.cli import main
+
+TINY = ['--epochs', '1', '--size', '32', '--bs', '8']  # Lite0 with its real (packaged) weights, tiny images
+
+
+def _image(cls, i, mode):
+    "A 12x12 image of class `cls` (bright for 'b', dark for 'a', stripes for 'c') in PIL `mode`"
+    rng = np.random.default_rng(100 * ord(cls) + i)
+    a = rng.integers(0, 60, (12, 12)) + {'a': 0, 'b': 180, 'c': 0}[cls]
+    if cls == 'c': a[::2] += 190
+    a = a.clip(0, 255).astype(np.uint8)
+    if mode == 'I;16': return Image.fromarray(a.astype(np.uint16) * 257)
+    if mode == 'RGBA':
+        rgba = np.stack([a, a, a, np.full_like(a, 255)], -1)
+        return Image.fromarray(rgba, 'RGBA')
+    return Image.fromarray(a).convert(mode)
+
+
+def _write_classes(folder, classes=('a', 'b', 'c'), n=8):
+    "`n` PNGs per class, in assorted modes: 8-bit gray, 16-bit gray, RGBA, RGB, palette"
+    modes = ['L', 'I;16', 'RGBA', 'RGB', 'P']
+    for c in classes:
+        (folder/c).mkdir(parents=True, exist_ok=True)
+        for i in range(n): _image(c, i, modes[i % len(modes)]).save(folder/c/f'{c}{i}.png')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cli')
+    flat = _write_classes(root/'flat')
+    assert Image.open(flat/'a'/'a1.png').mode == 'I;16' and Image.open(flat/'a'/'a2.png').mode == 'RGBA'
+    _write_classes(root/'split'/'train', n=6); _write_classes(root/'split'/'valid', n=2)
+    rows = [f'flat/{c}/{c}{i}.png,{c}' for c in 'abc' for i in range(8)]
+    (root/'labels.csv').write_text('filename,label\n' + '\n'.join(rows) + '\n')
+    (root/'one').mkdir(); _write_classes(root/'one', classes=('a',), n=3)
+    (root/'empty').mkdir(); (root/'empty'/'x').mkdir(); (root/'empty'/'x'/'notes.txt').write_text('no images here')
+    (root/'loose').mkdir(); _image('a', 0, 'L').save(root/'loose'/'x.png')
+    (root/'broken').mkdir(); _write_classes(root/'broken', n=3); (root/'broken'/'b'/'bad.png').write_bytes(b'not a png')
+    (root/'missing.csv').write_text('flat/a/a0.png,a\nflat/a/nope.png,b\n')
+    (root/'notes.png').write_text('not an image')
+    torch.save({'w': torch.zeros(2)}, root/'state.pth')
+    return root
+
+
+def run(capsys, *argv):
+    "`(status, stdout, stderr)` of `main(argv)` in this process"
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _lines(s): return [l for l in s.replace('\r', '\n').splitlines() if l.strip()]
+
+
+def test_train_export_predict(data, capsys, tmp_path):
+    model = tmp_path/'gray.pkl'
+    status, out, err = run(capsys, 'train', data/'flat', *TINY, '--out', model)
+    assert status == 0, err
+    assert 'epoch' in out and 'accuracy' in out            # fastai's metrics table
+    assert '18 training and 6 validation images, 3 classes' in out   # stratified: 2 of 8 per class
+    assert _lines(out)[-1].startswith('validation accuracy: ') and '/6 images)' in _lines(out)[-1]
+    assert model.is_file() and not list(tmp_path.glob('.*.tmp'))
+
+    images = [data/'flat'/'a'/'a1.png', data/'notes.png', data/'flat'/'b'/'b2.png', data/'nope.png', data/'flat'/'c'/'c3.png']
+    status, out, err = run(capsys, 'predict', model, *images)
+    assert status == 1                                     # two files failed
+    rows = [l.split('\t') for l in out.splitlines()]
+    assert [r[0] for r in rows] == [str(images[i]) for i in (0, 2, 4)]  # in order, stdout holds results only
+    for path, label, prob in rows:
+        assert label in ('a', 'b', 'c') and 0 < float(prob) <= 1
+    errors = [l for l in err.splitlines() if l.startswith('fastai-gray: error:')]
+    assert len(errors) == 2 and 'notes.png' in errors[0] and 'nope.png' in errors[1]
+    assert 'Traceback' not in err
+
+    status, out, err = run(capsys, 'predict', model, images[0])
+    assert status == 0 and len(out.splitlines()) == 1
+
+
+def test_train_csv_and_fastai_arch(data, capsys, tmp_path):
+    "A CSV of filename,label; a fastai arch by name, from random weights"
+    status, out, err = run(capsys, 'train', data/'labels.csv', *TINY, '--arch', 'resnet18', '--no-pretrained',
+                           '--init', 'sum', '--freeze-epochs', '1', '--out', tmp_path/'m.pkl')
+    assert status == 0, err
+    assert '18 training and 6 validation images, 3 classes' in out
+    assert out.count('train_loss') == 2                    # a table for the head alone, one for the whole model
+    assert (tmp_path/'m.pkl').is_file()
+
+
+def test_train_valid_layout(data, capsys, tmp_path):
+    status, out, err = run(capsys, 'train', data/'split', *TINY, '--out', tmp_path/'m.pkl')
+    assert status == 0, err
+    assert '18 training and 6 validation images, 3 classes' in out   # the folders' split, not 20%
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['train', '{root}/nope'], 'does not exist'),
+    (['train', '{root}/empty'], 'no images found'),
+    (['train', '{root}/loose'], 'no images found'),
+    (['train', '{root}/one'], 'one class only'),
+    (['train', '{root}/broken'], 'cannot be read'),
+    (['train', '{root}/missing.csv'], "'flat/a/nope.png' (line 2)"),
+    (['train', '{root}/notes.png'], 'not a CSV'),
+    (['train', '{root}/flat', '--arch', 'resnet19'], "unknown arch 'resnet19'"),
+    (['train', '{root}/flat', '--arch', 'timm:not_a_model'], 'unknown timm model'),
+    (['train', '{root}/flat', '--init', 'avg'], "invalid choice: 'avg'"),
+    (['train', '{root}/flat', '--epochs', '0'], '--epochs must be at least 1'),
+    (['train', '{root}/flat', '--freeze-epochs', '-1'], '--freeze-epochs must be 0 or more'),
+    (['train', '{root}/flat', '--lr', 'fast'], "invalid float value: 'fast'"),
+    (['train', '{root}/flat', '--out', '{root}'], 'is a folder'),
+    (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'not a learner exported'),
+    (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'not a learner exported'),
+    (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png'], 'does not exist'),
+    (['predict', '{root}/none.pkl'], 'the following arguments are required: IMAGE'),
+    (['frobnicate'], "invalid choice: 'frobnicate'"),
+], ids=lambda v: ' '.join(v).replace('{root}/', '') if isinstance(v, list) else None)
+def test_bad_input(data, capsys, argv, message):
+    status, out, err = run(capsys, *[a.format(root=data) for a in argv])
+    assert status != 0
+    assert 'Traceback' not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('fastai-gray: error: ') and message in lines[0], err
+    assert 'epoch' not in out                              # caught before any training
+
+
+def test_bench_is_handed_the_arguments(capsys, monkeypatch):
+    calls = []
+    fake = types.ModuleType('fastai_gray.bench')
+    fake.main = lambda argv: calls.append(argv) or 3
+    monkeypatch.setitem(sys.modules, 'fastai_gray.bench', fake)
+    assert main(['bench', '--arch', 'x', 'y']) == 3 and calls == [['--arch', 'x', 'y']]
+    monkeypatch.setitem(sys.modules, 'fastai_gray.bench', None)  # as if the module were missing
+    status, out, err = run(capsys, 'bench')
+    assert status == 1 and err.startswith('fastai-gray: error: ') and 'fastai_gray.bench' in err and len(err.splitlines()) == 1
+
+
+def test_help(capsys):
+    assert run(capsys, '--help')[0] == 0
+    status, out, err = run(capsys, 'train', '--help')
+    assert status == 0 and '--arch' in out and '--init' in out
+    assert run(capsys)[0] == 2  # no command: the usage, and a usage status
+
+
+def test_python_m_help():
+    res = subprocess.run([sys.executable, '-m', 'fastai_gray', '--help'], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert 'train' in res.stdout and 'predict' in res.stdout and 'bench' in res.stdout
+    res = subprocess.run([sys.executable, '-m', 'fastai_gray', 'train', '/no/such/folder'], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == 'fastai-gray: error: /no/such/folder does not exist'
