@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from skimage import data as skdata
 from torchvision import models as tvm
 from fastai.vision.models.xresnet import xresnet18
 from fastai.vision.core import imagenet_stats
@@ -19,6 +17,7 @@ from fastai.vision.core import imagenet_stats
 from fastai_gray.core import gray_stats, check_stats
 from fastai_gray.stem import update_first_layer
 from fastai_gray.weights import lite0_checkpoint, LITE0_ARCH
+from fastai_gray.bench import photo_crops as gray_photo_crops  # gray crops of scikit-image's bundled photos
 
 
 def normalized_pair(g, stats):
@@ -31,22 +30,6 @@ def normalized_pair(g, stats):
 def relative_errors(y1, y3):
     "Per-image relative logit error"
     return ((y1 - y3).flatten(1).norm(dim=1) / y3.flatten(1).norm(dim=1)).tolist()
-
-
-def gray_photo_crops(size=224, per_photo=3):
-    "Gray crops of scikit-image's bundled photos, (N,1,size,size) in [0,1]"
-    names = ['camera', 'astronaut', 'chelsea', 'cat', 'coffee', 'rocket', 'coins', 'moon', 'clock', 'cell',
-             'immunohistochemistry', 'brick', 'grass', 'gravel', 'retina', 'hubble_deep_field']
-    rng = np.random.default_rng(0)
-    crops = []
-    for name in names:
-        img = Image.fromarray(getattr(skdata, name)()).convert('L')
-        scale = max(size / min(img.size), 1.0)
-        img = img.resize((int(img.width * scale + 0.5), int(img.height * scale + 0.5)), Image.BICUBIC)
-        for _ in range(per_photo):
-            left, top = rng.integers(0, img.width - size + 1), rng.integers(0, img.height - size + 1)
-            crops.append(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255)
-    return torch.tensor(np.stack(crops))[:, None]
 
 
 @pytest.fixture(scope='module')
