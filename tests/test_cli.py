@@ -103,7 +103,7 @@ def test_train_valid_layout(data, capsys, tmp_path):
 @pytest.mark.parametrize('argv, message', [
     (['train', '{root}/nope'], 'does not exist'),
     (['train', '{root}/empty'], 'no images found'),
-    (['train', '{root}/loose'], 'no images found'),
+    (['train', '{root}/loose'], '1 image(s) lie directly in it'),
     (['train', '{root}/one'], 'one class only'),
     (['train', '{root}/broken'], 'cannot be read'),
     (['train', '{root}/missing.csv'], "'flat/a/nope.png' (line 2)"),
@@ -148,10 +148,13 @@ def test_help(capsys):
     assert run(capsys)[0] == 2  # no command: the usage, and a usage status
 
 
-def test_python_m_help():
+def test_python_m(data):
+    "`python -m fastai_gray`: help at once; an error after fastai and timm are imported is still one line on stderr"
     res = subprocess.run([sys.executable, '-m', 'fastai_gray', '--help'], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert 'train' in res.stdout and 'predict' in res.stdout and 'bench' in res.stdout
-    res = subprocess.run([sys.executable, '-m', 'fastai_gray', 'train', '/no/such/folder'], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 1 and res.stderr.strip() == 'fastai-gray: error: /no/such/folder does not exist'
+    res = subprocess.run([sys.executable, '-m', 'fastai_gray', 'train', str(data/'flat'), '--arch', 'resnet19'],
+                         capture_output=True, text=True, timeout=300)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr   # no library warnings, no traceback
+    assert lines[0].startswith("fastai-gray: error: unknown arch 'resnet19'") and 'did you mean resnet18' in lines[0]
