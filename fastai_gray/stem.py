@@ -14,8 +14,8 @@ from fastcore.basics import ifnone
 from .core import check_stats, gray_stats
 
 # %% auto #0
-__all__ = ['find_first_conv', 'exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'SumFromRGB', 'update_first_layer',
-           'rgb_state_dict']
+__all__ = ['find_first_conv', 'exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'SumFromRGB',
+           'update_first_layer', 'rgb_state_dict']
 
 # %% ../nbs/02_stem.ipynb #78a19870
 def find_first_conv(model:nn.Module):
@@ -123,7 +123,14 @@ class ExactGrayConv(nn.Module):
                 if bias is not None: state_dict[prefix + 'conv.bias'] = bias
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-# %% ../nbs/02_stem.ipynb #b6716cfd
+# %% ../nbs/02_stem.ipynb #879edcc3
+def rgb_and_gray(g:torch.Tensor, stats=imagenet_stats, input_stats=None):
+    "The gray batch `g` (N,1,H,W) as the 3-channel model sees it (copied, normalized by `stats`) and as the 1-channel model sees it"
+    (m3, s3), ((m1,), (s1,)) = check_stats(stats), check_stats(gray_stats(stats) if input_stats is None else input_stats, 1)
+    x3 = (g.expand(-1, 3, -1, -1) - g.new_tensor(m3).view(1, 3, 1, 1)) / g.new_tensor(s3).view(1, 3, 1, 1)
+    return x3, (g - m1) / s1
+
+# %% ../nbs/02_stem.ipynb #d3ce99a7
 class SumFromRGB:
     "Load-state-dict pre-hook of a `'sum'` stem: converts a 3-channel `weight` in the checkpoint with `sum_gray_weights`"
     def __init__(self, n_in:int): self.n_in = n_in
@@ -132,7 +139,7 @@ class SumFromRGB:
         if w is not None and w.ndim == 4 and w.shape[1] == 3 and self.n_in != 3:
             state_dict[prefix + 'weight'] = sum_gray_weights(w, self.n_in)
 
-# %% ../nbs/02_stem.ipynb #8e64112b
+# %% ../nbs/02_stem.ipynb #c8a6dd89
 _INITS = ('exact', 'sum')
 
 def _check_init(init, n_in):
@@ -142,7 +149,7 @@ def _check_init(init, n_in):
     if init == 'exact' and n_in not in (1, 3):
         raise ValueError(f"init='exact' converts to 1 input channel, got n_in={n_in}; use init='sum' for {n_in} channels")
 
-# %% ../nbs/02_stem.ipynb #13b5c6c8
+# %% ../nbs/02_stem.ipynb #261d5629
 def update_first_layer(model:nn.Module, n_in:int=1, pretrained:bool=True, init:str='exact',
                        stats=imagenet_stats, input_stats=None):
     "Change the input layer of `model` (in place, returned) to take `n_in` channels, converting its weights by `init`"
@@ -162,22 +169,21 @@ def update_first_layer(model:nn.Module, n_in:int=1, pretrained:bool=True, init:s
     _set_submodule(model, name, new)
     return model
 
-# %% ../nbs/02_stem.ipynb #80b30a7f
+# %% ../nbs/02_stem.ipynb #d01c3312
 @torch.no_grad()
 def _verify_exact(name, conv, stem, tol=1e-4):
     "Raise if `stem` does not reproduce `conv` on a random gray image"
     w = conv.weight
-    (m3, s3), ((m1,), (s1,)) = stem.stats, stem.input_stats
     size = [2 * (k - 1) * d + 2 * s + 5 for k, d, s in zip(conv.kernel_size, conv.dilation, conv.stride)]
     g = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(w.device)
-    x3 = (g.expand(-1, 3, -1, -1) - g.new_tensor(m3).view(1, 3, 1, 1)) / g.new_tensor(s3).view(1, 3, 1, 1)
-    y3, y1 = conv(x3.to(w.dtype)), stem(((g - m1) / s1).to(w.dtype))
+    x3, x1 = rgb_and_gray(g, stem.stats, stem.input_stats)
+    y3, y1 = conv(x3.to(w.dtype)), stem(x1.to(w.dtype))
     err = ((y1 - y3).norm() / y3.norm().clamp_min(1e-12)).item()
     if not err <= tol:
         raise ValueError(f"init='exact' cannot convert first layer {name!r} ({type(conv).__name__}): relative error {err:.2g} "
                          f"on a test image; its forward is not a plain convolution of its weight. Use init='sum'.")
 
-# %% ../nbs/02_stem.ipynb #644b7198
+# %% ../nbs/02_stem.ipynb #94b4b48f
 def _rgb_from_gray(w1, k, stats, input_stats):
     "3-channel kernel `W` with `sum_c a_c W_c = w1` and `sum_c k_c W_c = k`, least-norm, or a ValueError"
     (m3, s3), ((m1,), (s1,)) = check_stats(stats), check_stats(input_stats, 1, 'input_stats')
@@ -192,7 +198,7 @@ def _rgb_from_gray(w1, k, stats, input_stats):
     out, _, kh, kw = w1.shape
     return W.view(3, out, kh, kw).transpose(0, 1).to(w1.dtype).to(w1.device)
 
-# %% ../nbs/02_stem.ipynb #4aeec923
+# %% ../nbs/02_stem.ipynb #b947c937
 def rgb_state_dict(model:nn.Module, stats=None, input_stats=None) -> dict:
     "State dict of the gray `model` with its first layer as the equivalent 3-channel conv, for a 3-channel model of the same arch"
     name, stem = find_first_conv(model)

@@ -14,17 +14,9 @@ from torchvision import models as tvm
 from fastai.vision.models.xresnet import xresnet18
 from fastai.vision.core import imagenet_stats
 
-from fastai_gray.core import gray_stats, check_stats
-from fastai_gray.stem import update_first_layer
+from fastai_gray.stem import update_first_layer, rgb_and_gray
 from fastai_gray.weights import lite0_checkpoint, LITE0_ARCH
 from fastai_gray.bench import photo_crops as gray_photo_crops  # gray crops of scikit-image's bundled photos
-
-
-def normalized_pair(g, stats):
-    "`g` (N,1,H,W) in [0,1] as the 3-channel model sees it and as the gray model sees it"
-    (m3, s3), ((m1,), (s1,)) = check_stats(stats), check_stats(gray_stats(stats), 1)
-    x3 = (g.expand(-1, 3, -1, -1) - torch.tensor(m3).view(1, 3, 1, 1)) / torch.tensor(s3).view(1, 3, 1, 1)
-    return x3, (g - m1) / s1
 
 
 def relative_errors(y1, y3):
@@ -45,7 +37,7 @@ def test_real_lite0_on_real_photos(lite0, which):
     gray = update_first_layer(copy.deepcopy(lite0), stats=stats).eval()
     g = gray_photo_crops()
     assert len(g) >= 40
-    x3, x1 = normalized_pair(g, stats)
+    x3, x1 = rgb_and_gray(g, stats)
     with torch.no_grad(): y3, y1 = lite0(x3), gray(x1)
     errors = relative_errors(y1, y3)
     agreement = (y1.argmax(1) == y3.argmax(1)).float().mean().item()
@@ -62,7 +54,7 @@ def test_sum_recipes_are_not_exact_on_real_weights(lite0):
     g = gray_photo_crops(per_photo=1)
     for stats, gray_normalized in [((lite0.pretrained_cfg['mean'], lite0.pretrained_cfg['std']), False),
                                    (imagenet_stats, False), (imagenet_stats, True)]:
-        x3, x1 = normalized_pair(g, stats)
+        x3, x1 = rgb_and_gray(g, stats)
         with torch.no_grad(): y3, y1 = lite0(x3), summed(x1 if gray_normalized else g)
         assert np.mean(relative_errors(y1, y3)) > 0.1
 
@@ -93,6 +85,6 @@ def test_arch_matrix_exact_at_odd_size(arch):
     stats = (cfg['mean'], cfg['std']) if cfg else imagenet_stats
     gray = update_first_layer(copy.deepcopy(model), stats=stats).eval()
     g = torch.rand(2, 1, 97, 131)
-    x3, x1 = normalized_pair(g, stats)
+    x3, x1 = rgb_and_gray(g, stats)
     with torch.no_grad(): y3, y1 = model(x3), gray(x1)
     assert max(relative_errors(y1, y3)) <= 1e-4

@@ -3,8 +3,7 @@ import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 from timm.layers import Conv2dSame
-from fastai_gray.stem import ExactGrayConv, update_first_layer
-from fastai_gray.core import check_stats
+from fastai_gray.stem import ExactGrayConv, update_first_layer, rgb_and_gray
 
 stds = st.floats(0.05, 3.0)
 means = st.floats(-1.0, 2.0)
@@ -42,12 +41,9 @@ def test_exact_for_any_conv_size_and_stats(conv_and_size, stats, input_stats, se
     conv = conv.double()
     nn.init.normal_(conv.weight)
     stem = ExactGrayConv(conv, stats, input_stats).double()
-    (m3, s3) = check_stats(stats)
-    ((m1,), (s1,)) = check_stats(input_stats, 1) if input_stats else stem.input_stats
     g = torch.rand(2, 1, h, w, dtype=torch.float64)
-    x3 = (g.expand(-1, 3, -1, -1) - torch.tensor(m3, dtype=torch.float64).view(1, 3, 1, 1)) \
-         / torch.tensor(s3, dtype=torch.float64).view(1, 3, 1, 1)
-    y3, y1 = conv(x3), stem((g - m1) / s1)
+    x3, x1 = rgb_and_gray(g, stats, input_stats)
+    y3, y1 = conv(x3), stem(x1)
     assert y1.shape == y3.shape
     assert ((y1 - y3).norm() / y3.norm().clamp_min(1e-12)).item() < 1e-9
 
