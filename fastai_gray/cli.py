@@ -115,22 +115,23 @@ def stratified_split(labels:list, valid_pct:float=0.2, seed:int=0) -> list[int]:
         valid += idx[:min(len(idx) - 1, round(len(idx) * valid_pct))]
     return sorted(valid)
 
-# %% ../nbs/05_cli.ipynb #f837d5df
-def _check_readable(files:list):
-    "Open each image file's header; a `CliError` naming the first that cannot be read"
-    from PIL import Image
-    from fastprogress.fastprogress import progress_bar
-    bad = []
-    for f in progress_bar(files, leave=False) if len(files) > 1000 else files:
-        try:
-            with Image.open(f) as im: im.verify()
-        except Exception as e: bad.append((f, e))
-    if bad:
-        f, e = bad[0]
-        raise CliError(f"{len(bad)} image file(s) cannot be read, the first {str(f)!r}: {e}")
+# %% ../nbs/05_cli.ipynb #cb71497b
+def _without_unreadable(items:list, valid:list|None, skip_bad:bool=False, window=None) -> tuple[list, list|None]:
+    "`(items, valid)` without the files the gray pipeline cannot read, each listed on stderr; a `CliError` if any, unless `skip_bad`"
+    from fastai_gray.data import verify_gray_images
+    bad = verify_gray_images([f for f, _ in items], window=window, progress=len(items) > 1000)
+    if not bad: return items, valid
+    for f, reason in bad: print(f"{PROG}: {'skipping' if skip_bad else 'bad image'}: {reason}", file=sys.stderr)
+    summary = f"{len(bad)} of {len(items)} image files cannot be read (listed above)"
+    if not skip_bad: raise CliError(f"{summary}; fix or remove them, or pass --skip-bad to train without them")
+    print(f"{PROG}: warning: {summary}; training without them (--skip-bad)", file=sys.stderr)
+    bad_files = {str(f) for f, _ in bad}
+    keep = [i for i, (f, _) in enumerate(items) if str(f) not in bad_files]
+    was_valid = set(valid or [])
+    return [items[i] for i in keep], None if valid is None else [j for j, i in enumerate(keep) if i in was_valid]
 
-def labelled_images(path:Path, valid_pct:float=0.2, seed:int=0) -> tuple[list, list, list]:
-    "`(files, labels, valid_idx)` of the dataset at `path` (folder or CSV), checked: images exist, can be read, 2+ classes"
+def labelled_images(path:Path, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None) -> tuple[list, list, list]:
+    "`(files, labels, valid_idx)` of the dataset at `path` (folder or CSV), checked: images exist, can be read (or are skipped), 2+ classes"
     if not path.exists(): raise CliError(f"{path} does not exist")
     if path.is_file():
         if path.suffix.lower() != '.csv': raise CliError(f"{path} is a file but not a CSV (.csv) of filename,label rows")
@@ -142,12 +143,18 @@ def labelled_images(path:Path, valid_pct:float=0.2, seed:int=0) -> tuple[list, l
             raise CliError(f"no images found in {path}{hint}: expected one subfolder per class, e.g. {path/'cats'/'1.png'}")
         if loose: print(f"{PROG}: warning: ignoring {len(loose)} image(s) not in a class subfolder, e.g. {loose[0]}", file=sys.stderr)
     if not items: raise CliError(f"no images listed in {path}")
+    n_listed = len(items)
+    items, valid = _without_unreadable(items, valid, skip_bad, window)
+    skipped = f" once the {n_listed - len(items)} unreadable files are left out" if len(items) < n_listed else ''
     files, labels = [f for f, _ in items], [l for _, l in items]
     classes = sorted(set(labels))
-    if len(classes) < 2: raise CliError(f"{path} has one class only ({classes[0]!r}); training needs two or more")
+    if len(classes) < 2: raise CliError(f"{path} has {'one class only (' + repr(classes[0]) + ')' if classes else 'no images'}{skipped}; "
+                                        "training needs two or more classes")
     if valid is None: valid = stratified_split(labels, valid_pct, seed)
-    if not valid: raise CliError(f"{path} has too few images for a validation set ({len(files)} images)")
-    _check_readable(files)
+    if not valid: raise CliError(f"{path} has too few images for a validation set ({len(files)} images{skipped})")
+    in_valid = set(valid)
+    unknown = sorted({labels[i] for i in valid} - {l for i, l in enumerate(labels) if i not in in_valid})
+    if unknown: raise CliError(f"{path}: the validation set has classes with no training images{skipped}: {', '.join(unknown[:5])}")
     return files, labels, valid
 
 # %% ../nbs/05_cli.ipynb #55ac3c83
@@ -163,7 +170,7 @@ class Labels:
         try: yield self
         finally: self.labels = labels
 
-# %% ../nbs/05_cli.ipynb #dd0d9844
+# %% ../nbs/05_cli.ipynb #c98806bc
 DIGITS_COUNT = 1797
 
 def digits_dataset(dest:Path|None=None) -> Path:
@@ -190,7 +197,7 @@ def digits_dataset(dest:Path|None=None) -> Path:
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
-# %% ../nbs/05_cli.ipynb #4b1b6d51
+# %% ../nbs/05_cli.ipynb #1c605346
 def resolve_arch(name:str):
     "The arch for `gray_learner` named `name`: a fastai `model_meta` callable by its name, else a timm model name"
     from fastai.vision.learner import model_meta
@@ -205,7 +212,7 @@ def resolve_arch(name:str):
     hint = f"; did you mean {' or '.join(close)}?" if close else ''
     raise CliError(f"unknown arch {name!r}: neither a fastai arch (resnet18, densenet121, ...) nor a timm model{hint}")
 
-# %% ../nbs/05_cli.ipynb #ae01a991
+# %% ../nbs/05_cli.ipynb #854933d1
 DEFAULTS = dict(arch=LITE0, epochs=6, freeze_epochs=0, size=None, bs=32, lr=3e-3, init='exact', seed=42, valid_pct=0.2,
                 out='model.pkl')
 DIGITS_SIZE, FOLDER_SIZE = 64, 224
@@ -219,6 +226,17 @@ def _check_train_args(args):
     if not args.lr > 0: raise UsageError(f"--lr must be positive, got {args.lr}")
     if not 0 < args.valid_pct < 1: raise UsageError(f"--valid-pct must lie between 0 and 1, got {args.valid_pct}")
 
+def _window(values:list|None):
+    "`--window`'s values as `gray_image`'s window: None, 'minmax', or `(center, width)`; a `UsageError` if they are neither"
+    if values is None: return None
+    if values == ['minmax']: return 'minmax'
+    from fastai_gray.data import _check_window
+    try:
+        window = tuple(float(v) for v in values)
+        _check_window(window)
+        return window
+    except ValueError: raise UsageError(f"--window takes CENTER WIDTH (numbers, WIDTH > 0) or minmax, got {' '.join(values)}") from None
+
 def _check_out(out:Path):
     "A `CliError` now, rather than after training, if the learner cannot be written to `out`"
     if out.is_dir(): raise CliError(f"--out {out} is a folder; give a file name such as {out/'model.pkl'}")
@@ -227,7 +245,7 @@ def _check_out(out:Path):
         with tempfile.TemporaryFile(dir=out.parent): pass
     except OSError as e: raise CliError(f"cannot write the model to {out}: {e}")
 
-# %% ../nbs/05_cli.ipynb #041ce036
+# %% ../nbs/05_cli.ipynb #a6cedaf2
 def _learner(dls, arch, pretrained:bool, init:str):
     "A `gray_learner` with accuracy; the packaged weights for Lite0; a `CliError` if the weights cannot be had"
     import fastai.callback.schedule, fastai.callback.progress  # Learner.fit_one_cycle; progress bars and the metrics table
@@ -243,7 +261,7 @@ def _learner(dls, arch, pretrained:bool, init:str):
         raise CliError(f"cannot load pretrained weights for {name} ({type(e).__name__}: {first}); without internet use "
                        f"--arch {LITE0} (weights included) or --no-pretrained") from e
 
-# %% ../nbs/05_cli.ipynb #3e29137d
+# %% ../nbs/05_cli.ipynb #d2adf0d7
 def train(args) -> int:
     "`fastai-gray train`: fine-tune a gray learner on `args.path` (default: the digits) and export it to `args.out`"
     _check_train_args(args)
@@ -251,7 +269,8 @@ def train(args) -> int:
     _check_out(out)
     demo = args.path is None
     path = digits_dataset() if demo else Path(args.path).expanduser()
-    files, labels, valid = labelled_images(path, args.valid_pct, args.seed)
+    window = _window(args.window)
+    files, labels, valid = labelled_images(path, args.valid_pct, args.seed, args.skip_bad, window)
     arch = resolve_arch(args.arch)
     size = args.size or (DIGITS_SIZE if demo else FOLDER_SIZE)
     from fastai.data.block import DataBlock, CategoryBlock
@@ -261,21 +280,22 @@ def train(args) -> int:
     from fastai_gray.data import GrayImageBlock
     set_seed(args.seed)
     get_y = Labels(files, labels)
-    dblock = DataBlock(blocks=(GrayImageBlock, CategoryBlock), get_y=get_y, splitter=IndexSplitter(valid),
+    dblock = DataBlock(blocks=(GrayImageBlock(window=window), CategoryBlock), get_y=get_y, splitter=IndexSplitter(valid),
                        item_tfms=Resize(size, method='squish'))
     dls = dblock.dataloaders(files, bs=args.bs, num_workers=0)
     learn = _learner(dls, arch, not args.no_pretrained, args.init)
     n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
     frozen = f"{args.freeze_epochs} epoch(s) of the head, then " if args.freeze_epochs else ''
     print(f"{'digits' if demo else path}: {n_train} training and {n_valid} validation images, {len(dls.vocab)} classes; "
-          f"{args.arch} at {size} px, bs {args.bs}, {frozen}{args.epochs} epoch(s) of the whole model, lr {args.lr:g}")
+          f"{args.arch} at {size} px, bs {args.bs}, {frozen}{args.epochs} epoch(s) of the whole model, lr {args.lr:g}"
+          + (f", window {window}" if window else ''))
     try:
         if args.freeze_epochs:
             learn.freeze()
             learn.fit_one_cycle(args.freeze_epochs, args.lr)
         learn.unfreeze()
         learn.fit_one_cycle(args.epochs, args.lr)
-    except OSError as e: raise CliError(str(e)) from e  # an image that the header check let through
+    except OSError as e: raise CliError(str(e)) from e  # a file changed since it was checked
     accuracy = float(learn.recorder.values[-1][-1])
     tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
     try:
@@ -286,7 +306,7 @@ def train(args) -> int:
     print(f"validation accuracy: {accuracy:.4f} ({round(accuracy * n_valid)}/{n_valid} images)")
     return 0
 
-# %% ../nbs/05_cli.ipynb #8120d09e
+# %% ../nbs/05_cli.ipynb #091e7535
 def load_model(path:Path):
     "The fastai `Learner` exported to `path`, on the CPU, or a `CliError` saying why not"
     from fastai.learner import Learner, load_learner
@@ -308,7 +328,7 @@ def _warnings_off():
         warnings.simplefilter('ignore')
         yield
 
-# %% ../nbs/05_cli.ipynb #9af5f630
+# %% ../nbs/05_cli.ipynb #88ef0e6f
 def _predict_batch(learn, files):
     "Probabilities of `files` as one batch, via the learner's pipeline"
     dl = learn.dls.test_dl(files, bs=len(files), num_workers=0)
@@ -345,7 +365,7 @@ def predict(args) -> int:
                 if p is not None: print(f"{name}\t{vocab[int(p.argmax())]}\t{float(p.max()):.4f}", file=out, flush=True)
     return 1 if failed else 0
 
-# %% ../nbs/05_cli.ipynb #903cf6f7
+# %% ../nbs/05_cli.ipynb #fd898250
 def bench(argv:list) -> int:
     "`fastai-gray bench`: run `fastai_gray.bench.main(argv)`"
     try: bench_module = importlib.import_module('fastai_gray.bench')
@@ -355,7 +375,7 @@ def bench(argv:list) -> int:
     if not callable(getattr(bench_module, 'main', None)): raise CliError("fastai_gray.bench has no main(argv) to run")
     return int(bench_module.main(list(argv)) or 0)
 
-# %% ../nbs/05_cli.ipynb #64a05016
+# %% ../nbs/05_cli.ipynb #0864265b
 def _parser() -> argparse.ArgumentParser:
     from fastai_gray import __version__
     p = _Parser(prog=PROG, description="Fine-tune ImageNet-pretrained models on gray images, predict with them, benchmark.")
@@ -381,6 +401,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--seed', type=int, default=d['seed'], help="random seed: the split, the head, the batches; default: %(default)s")
     t.add_argument('--valid-pct', type=float, default=d['valid_pct'], help="share of each class held out, without train/valid folders; default: %(default)s")
     t.add_argument('--no-pretrained', action='store_true', help="start from random weights")
+    t.add_argument('--window', nargs='+', metavar='W', help="CENTER WIDTH: a fixed intensity window in the images' own values "
+                   "(e.g. 2048 4096 for 12-bit data in 16-bit files), mapped to black..white; or minmax: each image's own range; "
+                   "default: the data type's full range")
+    t.add_argument('--skip-bad', action='store_true', help="leave out image files that cannot be read (listed on stderr) instead of stopping")
     t.add_argument('--out', default=d['out'], help="file to export the learner to; default: %(default)s in the current folder")
     t.set_defaults(func=train)
     pr = sub.add_parser('predict', help="predict the class of images with an exported learner",
@@ -392,7 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser('bench', help="benchmarks (fastai_gray.bench); `fastai-gray bench --help` for theirs", add_help=False)
     return p
 
-# %% ../nbs/05_cli.ipynb #a84b9db1
+# %% ../nbs/05_cli.ipynb #dfbf520f
 def main(argv:list|None=None) -> int:
     "Run `fastai-gray` with `argv` (default `sys.argv[1:]`); return the exit status"
     argv = list(sys.argv[1:] if argv is None else argv)

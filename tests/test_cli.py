@@ -105,7 +105,6 @@ def test_train_valid_layout(data, capsys, tmp_path):
     (['train', '{root}/empty'], 'no images found'),
     (['train', '{root}/loose'], '1 image(s) lie directly in it'),
     (['train', '{root}/one'], 'one class only'),
-    (['train', '{root}/broken'], 'cannot be read'),
     (['train', '{root}/missing.csv'], "'flat/a/nope.png' (line 2)"),
     (['train', '{root}/notes.png'], 'not a CSV'),
     (['train', '{root}/flat', '--arch', 'resnet19'], "unknown arch 'resnet19'"),
@@ -115,6 +114,9 @@ def test_train_valid_layout(data, capsys, tmp_path):
     (['train', '{root}/flat', '--freeze-epochs', '-1'], '--freeze-epochs must be 0 or more'),
     (['train', '{root}/flat', '--lr', 'fast'], "invalid float value: 'fast'"),
     (['train', '{root}/flat', '--out', '{root}'], 'is a folder'),
+    (['train', '{root}/flat', '--window', '2048'], '--window takes CENTER WIDTH (numbers, WIDTH > 0) or minmax, got 2048'),
+    (['train', '{root}/flat', '--window', '100', '0'], '--window takes CENTER WIDTH'),
+    (['train', '{root}/flat', '--window', 'max'], '--window takes CENTER WIDTH'),
     (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'not a learner exported'),
     (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'not a learner exported'),
     (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png'], 'does not exist'),
@@ -128,6 +130,35 @@ def test_bad_input(data, capsys, argv, message):
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith('fastai-gray: error: ') and message in lines[0], err
     assert 'epoch' not in out                              # caught before any training
+
+
+def test_bad_files_are_listed(data, capsys):
+    "Every unreadable file on its own line, then one error; nothing trained"
+    (data/'broken'/'a'/'empty.png').write_bytes(b'')
+    try: status, out, err = run(capsys, 'train', data/'broken', *TINY)
+    finally: (data/'broken'/'a'/'empty.png').unlink()
+    assert status == 1 and 'epoch' not in out and 'Traceback' not in err
+    lines = err.splitlines()
+    assert [l.split(': ')[1] for l in lines] == ['bad image', 'bad image', 'error'], err
+    assert "empty.png': PIL recognizes no image format in it; the file is empty (0 bytes)" in lines[0]
+    assert "bad.png': PIL recognizes no image format in it; as a PNG file: not a PNG file" in lines[1]
+    assert lines[2].startswith('fastai-gray: error: 2 of 11 image files cannot be read (listed above)') and '--skip-bad' in lines[2]
+
+
+def test_skip_bad_and_window(data, capsys, tmp_path):
+    "--skip-bad trains on the readable files; --window goes into the exported learner's pipeline"
+    model = tmp_path/'m.pkl'
+    status, out, err = run(capsys, 'train', data/'broken', *TINY, '--bs', '3', '--skip-bad', '--window', 'minmax', '--out', model)
+    assert status == 0, err
+    assert "fastai-gray: skipping: cannot read image '" in err and 'bad.png' in err
+    assert '1 of 10 image files cannot be read (listed above); training without them (--skip-bad)' in err
+    assert '6 training and 3 validation images, 3 classes' in out and 'window minmax' in out
+    from fastai.learner import load_learner
+    dark = data/'broken'/'a'/'a0.png'                      # values 0..59 of 255
+    image, = load_learner(model, cpu=True).dls.test_dl([dark]).dataset[0]
+    assert np.asarray(image).min() == 0 and np.asarray(image).max() == 255   # spread over the whole range
+    status, out, err = run(capsys, 'predict', model, data/'broken'/'a'/'a0.png')
+    assert status == 0 and out.startswith(str(data/'broken'/'a'/'a0.png'))
 
 
 def test_bench_is_handed_the_arguments(capsys, monkeypatch):
