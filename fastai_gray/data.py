@@ -66,7 +66,7 @@ def _tensor_as_hwc(t:Tensor):
     if t.dtype == torch.bfloat16: t = t.float()
     return (t.permute(1, 2, 0) if t.ndim == 3 else t).numpy()
 
-# %% ../nbs/01_data.ipynb #5e758829
+# %% ../nbs/01_data.ipynb #dd385da6
 def _over_background(rgb:np.ndarray, alpha:np.ndarray, background:float, full:float):
     "`rgb` (HxWx3) with opacity `alpha` (HxW) composited over the gray level `background` (0..1); `full` is white and opaque"
     if alpha.min() < 0 or alpha.max() > full:
@@ -92,7 +92,7 @@ def _gray_from_array(a:np.ndarray, background:float):
     a = _array_as_hwc(a)
     if a.dtype == np.bool_: a = a.astype(np.uint8) * 255
     if a.dtype == np.uint8: return _gray_8bit(a, background)
-    return _gray_float(a, 65535. if a.dtype.type is np.uint16 else 1., background)  # `.type`: also big-endian '>u2'
+    return _gray_float(a, _white(a), background)
 
 # %% ../nbs/01_data.ipynb #ccec7b00
 _ALPHA_MODES = {'RGBA', 'RGBa', 'LA', 'La', 'PA'}
@@ -168,7 +168,7 @@ def _read_image(src:Path|str|bytes, draft:int|tuple|None=None):
         why = f"PIL recognizes no image format in it{_unidentified_reason(src)}" if isinstance(e, Image.UnidentifiedImageError) else e
         raise (type(e) if isinstance(e, OSError) else OSError)(f"cannot read image {name}: {why}") from e
 
-# %% ../nbs/01_data.ipynb #5867d515
+# %% ../nbs/01_data.ipynb #d641d7a3
 def _check_window(window):
     "A `ValueError` unless `window` is None, 'minmax', or a `(center, width)` pair of finite numbers with a positive width"
     if window is None or (isinstance(window, str) and window == 'minmax'): return
@@ -179,11 +179,10 @@ def _check_window(window):
         raise ValueError(f"window is (center, width) in the image's own values, with a width > 0, or 'minmax' (each image's "
                          f"own minimum to maximum); got {window!r}")
 
-def _white(x:Image.Image|np.ndarray|Tensor) -> float:
+def _white(x:Image.Image|np.ndarray) -> float:
     "White in the units of the values of image `x`: 65535 for 16-bit data, 1 for float and bool data, 255 for 8-bit data"
     if isinstance(x, Image.Image): return 65535. if x.mode in _16BIT_MODES or x.mode == 'I' else 1. if x.mode == 'F' else 255.
-    if isinstance(x, Tensor): return 65535. if x.dtype == torch.uint16 else 1. if x.is_floating_point() or x.dtype == torch.bool else 255.
-    return 65535. if x.dtype.type is np.uint16 else 1. if x.dtype.kind in 'fb' else 255.
+    return 65535. if x.dtype.type is np.uint16 else 1. if x.dtype.kind in 'fb' else 255.  # `.type`: also big-endian '>u2'
 
 def _windowed(g:Image.Image, white:float, window) -> Image.Image:
     "Gray image `g` (0..255 scale, made from values whose white is `white`) through `window`, as a mode 'F' image on the 0..255 scale"
@@ -193,9 +192,13 @@ def _windowed(g:Image.Image, white:float, window) -> Image.Image:
     out = np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
     return Image.fromarray((out * 255).astype(np.float32))
 
-# %% ../nbs/01_data.ipynb #6bfe7f9c
+# %% ../nbs/01_data.ipynb #db6963b1
 def _check_background(background:float):
     if not 0 <= background <= 1: raise ValueError(f"background is a gray level in [0, 1], got {background!r}")
+
+def _check_settings(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
+    "A `ValueError` for a bad `background`, `draft` or `window`, before any image is read"
+    _check_background(background); _draft_size(draft); _check_window(window)
 
 def _gray(x:Image.Image|np.ndarray|Tensor, background:float, window):
     "In-memory image `x` as a new 1-channel PIL image, through `window`"
@@ -203,8 +206,8 @@ def _gray(x:Image.Image|np.ndarray|Tensor, background:float, window):
         raise ValueError("a PILImageGray is on the 0..255 scale, whatever it was made from, so a window in the units of the "
                          "original values cannot apply; give the window where the image is made (GrayImageBlock(window=...), "
                          "to_gray(..., window=...), gray_image(file, window=...)), or use window='minmax'")
+    if isinstance(x, Tensor): x = _tensor_as_hwc(x)
     if isinstance(x, Image.Image): g = _gray_from_pil(x, background)
-    elif isinstance(x, Tensor): g = _gray_from_array(_tensor_as_hwc(x), background)
     elif isinstance(x, np.ndarray): g = _gray_from_array(x, background)
     else: raise TypeError(f"gray_image reads a file name, Path, bytes, PIL image, numpy array or torch tensor, got {type(x).__name__}")
     return g if window is None else _windowed(g, _white(x), window)
@@ -212,20 +215,18 @@ def _gray(x:Image.Image|np.ndarray|Tensor, background:float, window):
 def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0., draft:int|tuple|None=None,
                window:tuple|str|None=None) -> Image.Image:
     "`x` (image file, its bytes, PIL image, array or tensor) as a new 1-channel PIL image: 'L' for 8-bit data, 'F' on the 0..255 scale for 16-bit and float data and windowed images; transparency composited over the gray level `background` (0..1); JPEG files decoded to luma, at no less than `draft` pixels; `window` (center, width) in the image's own values, or 'minmax'"
-    _check_background(background)
-    _check_window(window)
+    _check_settings(background, draft, window)
     if not isinstance(x, (str, Path, bytes)): return _gray(x, background, window)
     im = _read_image(x, draft)
     try: return _gray(im, background, window)
     except ValueError as e: raise ValueError(f"cannot convert image {_source_name(x)}: {e}") from e
 
-# %% ../nbs/01_data.ipynb #ab26e675
+# %% ../nbs/01_data.ipynb #9fc59dff
 class GrayTransform(DisplayedTransform):
     "Item transform making every image a 1-channel `PILImageGray`, transparency over the gray level `background`, through `window`; labels and masks pass through"
     order = -1  # before CropPad (0), Resize and RandomResizedCrop (1), ToTensor (5)
     def __init__(self, background:float=0., window:tuple|str|None=None):
-        _check_background(background)
-        _check_window(window)
+        _check_settings(background, window=window)
         store_attr()
         super().__init__()
 
@@ -239,23 +240,29 @@ class GrayTransform(DisplayedTransform):
     def encodes(self, x:TensorBase): return x
     def encodes(self, x:TensorImage): return self._gray(x)
 
-# %% ../nbs/01_data.ipynb #dd44e361
+# %% ../nbs/01_data.ipynb #946839aa
+class _GrayOpener(DisplayedTransform):
+    "The type transform of a gray block with settings: `PILImageGray.create` with `background`, `draft` and `window` bound"
+    input_types = (Path, str, bytes, Image.Image, np.ndarray, Tensor)  # what `PILImageGray.create` reads, for fastai's `test_dl`
+    def __init__(self, background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
+        store_attr()
+        super().__init__()
+    def encodes(self, fn): return PILImageGray.create(fn, background=self.background, draft=self.draft, window=self.window)
+
 def _gray_create(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
-    "The type transform that opens gray images: `PILImageGray.create`, with `background`, `draft` and `window` bound when not the defaults"
-    _check_background(background)
-    _draft_size(draft)
-    _check_window(window)
-    kwargs = {k: v for k, v in (('background', background), ('draft', draft), ('window', window)) if v}
-    return partial(PILImageGray.create, **kwargs) if kwargs else PILImageGray.create
+    "The type transform that opens gray images: `PILImageGray.create`, or a `_GrayOpener` when the settings are not the defaults"
+    _check_settings(background, draft, window)
+    return _GrayOpener(background, draft, window) if background or draft or window else PILImageGray.create
 
 def GrayImageBlock(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
     "A `TransformBlock` for 1-channel `PILImageGray` images, transparency over the gray level `background`, JPEGs decoded at no less than `draft`, through `window`"
     return TransformBlock(type_tfms=_gray_create(background, draft, window), batch_tfms=IntToFloatTensor)
 
-# %% ../nbs/01_data.ipynb #f5630d5d
+# %% ../nbs/01_data.ipynb #5577b2d2
 def _is_image_create(f):
-    "Whether type transform `f` is the `create` of a `PILBase` image class (not a mask), maybe in a `partial`"
+    "Whether type transform `f` is the `create` of a `PILBase` image class (not a mask), maybe in a `partial`, or a gray block's"
     if isinstance(f, partial): f = f.func
+    if isinstance(f, _GrayOpener): return True
     cls = getattr(f, '__self__', None)
     return (getattr(f, '__name__', None) == 'create' and isinstance(cls, type)
             and issubclass(cls, PILBase) and not issubclass(cls, PILMask))
@@ -270,7 +277,7 @@ def to_gray(dblock:DataBlock, background:float=0., draft:int|tuple|None=None, wi
     res.type_tfms = L(L(gray if _is_image_create(f) else f for f in tfms) for tfms in res.type_tfms)
     return res
 
-# %% ../nbs/01_data.ipynb #f2d255a5
+# %% ../nbs/01_data.ipynb #1294ce97
 def verify_gray_image(fn:Path|str|bytes, background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None) -> str|None:
     "None if `gray_image` reads and converts the file `fn` with these settings, else the reason it cannot (which names the file)"
     try: gray_image(fn, background=background, draft=draft, window=window)
@@ -280,7 +287,7 @@ def verify_gray_image(fn:Path|str|bytes, background:float=0., draft:int|tuple|No
 def verify_gray_images(fns, n_workers:int=defaults.cpus, background:float=0., draft:int|tuple|None=None,
                        window:tuple|str|None=None, progress:bool=False) -> L:
     "`(file, reason)` for each of the files `fns` that `gray_image` cannot read or convert with these settings, in the order given"
-    _check_background(background); _draft_size(draft); _check_window(window)  # a bad setting is one error, not one per file
+    _check_settings(background, draft, window)  # a bad setting is one error, not one per file
     fns = L(fns)
     reasons = parallel(verify_gray_image, fns, n_workers=n_workers, threadpool=True, progress=progress,
                        background=background, draft=draft, window=window)

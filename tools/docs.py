@@ -147,7 +147,7 @@ def bench_markdown(prefix:str='bench/') -> str|None:
 
 def bench_fallback() -> str:
     return ('*The benchmark\'s numbers and figures appear here once `nbs/bench/results.md` exists: run `make bench` '
-            '(`fastai-gray bench --quick`), then `make docs`.*')
+            '(`fastai-gray bench`), then `make docs`.*')
 
 def output_file(nb:dict) -> str|None:
     "The `output-file` nbdev puts in a notebook's front matter (`02_stem.ipynb` -> `stem.html`)"
@@ -266,8 +266,9 @@ def readme_markdown(index:Path=NBS/'index.ipynb') -> str:
         src = _join(c['source']).strip('\n')
         if c['cell_type'] == 'markdown':
             if BENCH_MARK in src:
-                src = src.replace(BENCH_MARK, 'The benchmark (`make bench`) writes its numbers and figures to '
-                                  '[nbs/bench/results.md](nbs/bench/results.md); the docs site shows them on its landing page.')
+                src = src.replace(BENCH_MARK, 'The full tables and plots, with the command, machine and date of the run: '
+                                  '[nbs/bench/results.md](nbs/bench/results.md) (`make bench` writes them; the docs site '
+                                  'shows them on its landing page).')
             src = re.sub(r'\]\((?![a-z]+:|/|#)([^)\s]+\.html(?:#[^)\s]*)?)\)', lambda m: f']({DOCS_URL}{m.group(1)})', src)
             parts.append(src)
         elif c['cell_type'] == 'code':
