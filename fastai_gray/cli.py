@@ -115,7 +115,7 @@ def stratified_split(labels:list, valid_pct:float=0.2, seed:int=0) -> list[int]:
         valid += idx[:min(len(idx) - 1, round(len(idx) * valid_pct))]
     return sorted(valid)
 
-# %% ../nbs/05_cli.ipynb #cb71497b
+# %% ../nbs/05_cli.ipynb #cde96be4
 def _without_unreadable(items:list, valid:list|None, skip_bad:bool=False, window=None) -> tuple[list, list|None]:
     "`(items, valid)` without the files the gray pipeline cannot read, each listed on stderr; a `CliError` if any, unless `skip_bad`"
     from fastai_gray.data import verify_gray_images
@@ -130,6 +130,12 @@ def _without_unreadable(items:list, valid:list|None, skip_bad:bool=False, window
     was_valid = set(valid or [])
     return [items[i] for i in keep], None if valid is None else [j for j, i in enumerate(keep) if i in was_valid]
 
+def _check_classes(path:Path, labels:list, skipped:str=''):
+    "A `CliError` unless `labels` hold two classes or more"
+    classes = sorted(set(labels))
+    if len(classes) < 2: raise CliError(f"{path} has {'one class only (' + repr(classes[0]) + ')' if classes else 'no images'}{skipped}; "
+                                        "training needs two or more classes")
+
 def labelled_images(path:Path, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None) -> tuple[list, list, list]:
     "`(files, labels, valid_idx)` of the dataset at `path` (folder or CSV), checked: images exist, can be read (or are skipped), 2+ classes"
     if not path.exists(): raise CliError(f"{path} does not exist")
@@ -143,13 +149,12 @@ def labelled_images(path:Path, valid_pct:float=0.2, seed:int=0, skip_bad:bool=Fa
             raise CliError(f"no images found in {path}{hint}: expected one subfolder per class, e.g. {path/'cats'/'1.png'}")
         if loose: print(f"{PROG}: warning: ignoring {len(loose)} image(s) not in a class subfolder, e.g. {loose[0]}", file=sys.stderr)
     if not items: raise CliError(f"no images listed in {path}")
+    _check_classes(path, [l for _, l in items])  # before reading every file
     n_listed = len(items)
     items, valid = _without_unreadable(items, valid, skip_bad, window)
     skipped = f" once the {n_listed - len(items)} unreadable files are left out" if len(items) < n_listed else ''
     files, labels = [f for f, _ in items], [l for _, l in items]
-    classes = sorted(set(labels))
-    if len(classes) < 2: raise CliError(f"{path} has {'one class only (' + repr(classes[0]) + ')' if classes else 'no images'}{skipped}; "
-                                        "training needs two or more classes")
+    _check_classes(path, labels, skipped)
     if valid is None: valid = stratified_split(labels, valid_pct, seed)
     if not valid: raise CliError(f"{path} has too few images for a validation set ({len(files)} images{skipped})")
     in_valid = set(valid)
@@ -261,15 +266,15 @@ def _learner(dls, arch, pretrained:bool, init:str):
         raise CliError(f"cannot load pretrained weights for {name} ({type(e).__name__}: {first}); without internet use "
                        f"--arch {LITE0} (weights included) or --no-pretrained") from e
 
-# %% ../nbs/05_cli.ipynb #d2adf0d7
+# %% ../nbs/05_cli.ipynb #b821255a
 def train(args) -> int:
     "`fastai-gray train`: fine-tune a gray learner on `args.path` (default: the digits) and export it to `args.out`"
     _check_train_args(args)
+    window = _window(args.window)
     out = Path(args.out).expanduser().absolute()
     _check_out(out)
     demo = args.path is None
     path = digits_dataset() if demo else Path(args.path).expanduser()
-    window = _window(args.window)
     files, labels, valid = labelled_images(path, args.valid_pct, args.seed, args.skip_bad, window)
     arch = resolve_arch(args.arch)
     size = args.size or (DIGITS_SIZE if demo else FOLDER_SIZE)
