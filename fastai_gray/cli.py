@@ -333,7 +333,7 @@ def _warnings_off():
         warnings.simplefilter('ignore')
         yield
 
-# %% ../nbs/05_cli.ipynb #88ef0e6f
+# %% ../nbs/05_cli.ipynb #2697705f
 def _predict_batch(learn, files):
     "Probabilities of `files` as one batch, via the learner's pipeline"
     dl = learn.dls.test_dl(files, bs=len(files), num_workers=0)
@@ -342,7 +342,6 @@ def _predict_batch(learn, files):
 def predict(args) -> int:
     "`fastai-gray predict`: print `path, class, probability` for each image; unreadable files on stderr, exit status 1"
     from fastprogress.fastprogress import progress_bar
-    from fastai_gray.data import gray_image
     learn = load_model(Path(args.model).expanduser())
     vocab, bs, failed = learn.dls.vocab, max(1, args.bs), 0
     show_bar = sys.stderr.isatty()  # a progress bar for people; none in logs and pipes
@@ -355,18 +354,13 @@ def predict(args) -> int:
     out = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # fastprogress prints to stdout; results only there
         for names in progress_bar(batches, leave=False) if show_bar else batches:
-            good = []
-            for name in names:
-                try: gray_image(Path(name)); good.append(name)
-                except Exception as e: fail(name, e)
-            if not good: continue
-            try: probs = _predict_batch(learn, [Path(n) for n in good])
-            except Exception:  # one image the pipeline cannot take: find it, predict the others
+            try: probs = _predict_batch(learn, [Path(n) for n in names])  # each file read once, by the learner's pipeline
+            except Exception:  # a file the pipeline cannot read: find it, predict the others one by one
                 probs = []
-                for name in good:
+                for name in names:
                     try: probs.append(_predict_batch(learn, [Path(name)])[0])
                     except Exception as e: fail(name, e); probs.append(None)
-            for name, p in zip(good, probs):
+            for name, p in zip(names, probs):
                 if p is not None: print(f"{name}\t{vocab[int(p.argmax())]}\t{float(p.max()):.4f}", file=out, flush=True)
     return 1 if failed else 0
 
