@@ -3,13 +3,16 @@
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MPLBACKEND ?= Agg
 
-.PHONY: export test bench bench-quick docs readme tutorials
+.PHONY: export test test-fast bench bench-quick docs readme tutorials
 
 export:     ## notebooks -> fastai_gray/*.py, notebooks cleaned
 	nbdev-export && nbdev-clean
 
 test:       ## tests/, every notebook, the docs site in headless Chromium
 	python -m pytest
+
+test-fast:  ## the everyday tier: no training runs, no long notebooks, no browser
+	python -m pytest -m "not slow and not browser"
 
 bench:      ## the benchmark the docs show, into nbs/bench/ (about 45 minutes on 2 idle cores)
 	fastai-gray bench
