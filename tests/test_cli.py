@@ -60,11 +60,14 @@ def run(capsys, *argv):
 def _lines(s): return [l for l in s.replace('\r', '\n').splitlines() if l.strip()]
 
 
+@pytest.mark.slow
 def test_train_export_predict(data, capsys, tmp_path):
     model = tmp_path/'gray.pkl'
     status, out, err = run(capsys, 'train', data/'flat', *TINY, '--out', model)
     assert status == 0, err
-    assert 'epoch' in out and 'accuracy' in out            # fastai's metrics table
+    epochs = [l for l in _lines(out) if ' epoch ' in l]     # not a terminal: one line per epoch, no progress bars
+    assert len(epochs) == 1 and epochs[0].startswith('model epoch 1/1: train_loss ') and 'accuracy' in epochs[0], out
+    assert '\r' not in out and '\x1b' not in out
     assert '18 training and 6 validation images, 3 classes' in out   # stratified: 2 of 8 per class
     assert _lines(out)[-1].startswith('validation accuracy: ') and '/6 images)' in _lines(out)[-1]
     assert model.is_file() and not list(tmp_path.glob('.*.tmp'))
@@ -84,6 +87,7 @@ def test_train_export_predict(data, capsys, tmp_path):
     assert status == 0 and len(out.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_csv_and_fastai_arch(data, capsys, tmp_path):
     "A CSV of filename,label; a fastai arch by name, from random weights"
     status, out, err = run(capsys, 'train', data/'labels.csv', *TINY, '--arch', 'resnet18', '--no-pretrained',
@@ -94,6 +98,7 @@ def test_train_csv_and_fastai_arch(data, capsys, tmp_path):
     assert (tmp_path/'m.pkl').is_file()
 
 
+@pytest.mark.slow
 def test_train_valid_layout(data, capsys, tmp_path):
     status, out, err = run(capsys, 'train', data/'split', *TINY, '--out', tmp_path/'m.pkl')
     assert status == 0, err
@@ -121,6 +126,9 @@ def test_train_valid_layout(data, capsys, tmp_path):
     (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'not a learner exported'),
     (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png'], 'does not exist'),
     (['predict', '{root}/none.pkl'], 'the following arguments are required: IMAGE'),
+    (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png', '--bs', '0'], 'argument --bs: must be a positive integer, got 0'),
+    (['train', '{root}/flat', '--bs', '0'], '--bs must be at least 1'),
+    (['train', '{root}/flat', '--valid-pct', '1'], '--valid-pct must lie between 0 and 1'),
     (['frobnicate'], "invalid choice: 'frobnicate'"),
 ], ids=lambda v: ' '.join(v).replace('{root}/', '') if isinstance(v, list) else None)
 def test_bad_input(data, capsys, argv, message):
@@ -145,13 +153,14 @@ def test_bad_files_are_listed(data, capsys):
     assert lines[2].startswith('fastai-gray: error: 2 of 11 image files cannot be read (listed above)') and '--skip-bad' in lines[2]
 
 
+@pytest.mark.slow
 def test_skip_bad_and_window(data, capsys, tmp_path):
     "--skip-bad trains on the readable files; --window goes into the exported learner's pipeline"
     model = tmp_path/'m.pkl'
     status, out, err = run(capsys, 'train', data/'broken', *TINY, '--bs', '3', '--skip-bad', '--window', 'minmax', '--out', model)
     assert status == 0, err
-    assert "fastai-gray: skipping: cannot read image '" in err and 'bad.png' in err
-    assert '1 of 10 image files cannot be read (listed above); training without them (--skip-bad)' in err
+    assert "fastai-gray: warning: skipping: cannot read image '" in err and 'bad.png' in err
+    assert 'fastai-gray: warning: 1 of 10 image files cannot be read; left out (skip_bad)' in err
     assert '6 training and 3 validation images, 3 classes' in out and 'window minmax' in out
     from fastai.learner import load_learner
     dark = data/'broken'/'a'/'a0.png'                      # values 0..59 of 255
@@ -159,6 +168,19 @@ def test_skip_bad_and_window(data, capsys, tmp_path):
     assert np.asarray(image).min() == 0 and np.asarray(image).max() == 255   # spread over the whole range
     status, out, err = run(capsys, 'predict', model, data/'broken'/'a'/'a0.png')
     assert status == 0 and out.startswith(str(data/'broken'/'a'/'a0.png'))
+
+
+def test_only_weight_failures_blame_the_weights(data, capsys, monkeypatch):
+    "A failure while fetching weights is one line naming the arch; any other error keeps its own type and message"
+    import fastai_gray.learner
+    def load_pretrained(url): raise OSError('[Errno 101] Network is unreachable')
+    def offline_learner(dls, arch, **kwargs): load_pretrained('https://example.invalid/resnet18.pth')
+    monkeypatch.setattr(fastai_gray.learner, 'gray_learner', offline_learner)
+    status, out, err = run(capsys, 'train', data/'flat', *TINY, '--arch', 'resnet18')
+    assert status == 1 and err.startswith('fastai-gray: error: cannot load pretrained weights for resnet18 (OSError: [Errno 101]')
+    def broken_learner(dls, arch, **kwargs): raise ValueError('`n_out` is not defined')
+    monkeypatch.setattr(fastai_gray.learner, 'gray_learner', broken_learner)
+    with pytest.raises(ValueError, match='`n_out` is not defined'): main(['train', str(data/'flat'), *TINY])
 
 
 def test_bench_is_handed_the_arguments(capsys, monkeypatch):
@@ -179,6 +201,7 @@ def test_help(capsys):
     assert run(capsys)[0] == 2  # no command: the usage, and a usage status
 
 
+@pytest.mark.slow
 def test_python_m(data):
     "`python -m fastai_gray`: help at once; an error after fastai and timm are imported is still one line on stderr"
     res = subprocess.run([sys.executable, '-m', 'fastai_gray', '--help'], capture_output=True, text=True, timeout=120)
