@@ -236,7 +236,7 @@ def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, # image file (nam
     s = _gray_settings(**kwargs)
     if is_dicom(x): return _gray_dicom(x, s['window'], s['frame'])
     if not isinstance(x, (str, Path, bytes)):
-        if s['frame'] is not None: raise ValueError(f"frame picks a frame of a file (DICOM, TIFF, GIF); a {type(x).__name__} is one image, got frame={s['frame']!r}")
+        if s['frame']: raise ValueError(f"frame picks a frame of a multi-frame file (DICOM, TIFF, GIF); a {type(x).__name__} is one image, frame 0, got frame={s['frame']!r}")
         return _gray(x, s['background'], s['window'])
     im = _read_image(x, s['draft'], s['frame'])
     try: return _gray(im, s['background'], s['window'])
