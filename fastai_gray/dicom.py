@@ -67,6 +67,7 @@ def read_dicom(src, stop_before_pixels:bool=False):
     except pydicom.errors.InvalidDicomError:
         raise OSError(f"cannot read DICOM file {name}: it is not a DICOM file (no 'DICM' mark after the 128-byte preamble)") from None
     except FileNotFoundError as e: raise FileNotFoundError(f"cannot read DICOM file {name}: No such file") from e
+    except (IsADirectoryError, PermissionError) as e: raise type(e)(f"cannot read DICOM file {name}: {e.strerror}") from e
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise OSError(f"cannot read DICOM file {name}: its header is cut short or corrupt ({type(e).__name__}: {e})") from e
     if 'TransferSyntaxUID' not in getattr(ds, 'file_meta', {}):
@@ -128,16 +129,46 @@ def _values(ds, stored:np.ndarray) -> np.ndarray:
 def dicom_values(src, frame:int|None=None) -> np.ndarray:
     "The values of DICOM `src` (file name, `Path`, bytes or pydicom `Dataset`) in modality units (HU for CT), color as its luma; one frame, picked by `frame`"
     ds = read_dicom(src)
-    return np.asarray(_values(ds, _decoded(ds, frame, _source_name(src))), dtype=np.float64)
+    stored = _decoded(ds, frame, _source_name(src))
+    return np.asarray(_values(_for_frame(ds, frame), stored), dtype=np.float64)
 
-# %% ../nbs/00b_dicom.ipynb #e0ce7d04
+# %% ../nbs/00b_dicom.ipynb #784a1113
+_FRAME_ATTRS = {'PixelValueTransformationSequence': ('RescaleSlope', 'RescaleIntercept'),
+                'FrameVOILUTSequence': ('WindowCenter', 'WindowWidth', 'VOILUTFunction')}
+
+def _frame_attrs(ds, frame:int|None) -> dict:
+    "The rescale and window elements of frame `frame` in the functional groups of `ds`, per-frame over shared ({} for other files)"
+    groups, per_frame, shared = [], ds.get('PerFrameFunctionalGroupsSequence'), ds.get('SharedFunctionalGroupsSequence')
+    if per_frame and (frame or 0) < len(per_frame): groups.append(per_frame[frame or 0])
+    if shared: groups.append(shared[0])
+    found = {}
+    for group in groups:
+        for seq, names in _FRAME_ATTRS.items():
+            items = group.get(seq)
+            for n in names if items else ():
+                if n in items[0] and n not in found: found[n] = items[0][n]
+    return found
+
+def _for_frame(ds, frame:int|None):
+    "`ds`, or for an enhanced multi-frame file a new header with the rescale and window of frame `frame` at the top level"
+    found = _frame_attrs(ds, frame)
+    if not found: return ds
+    pydicom = _pydicom()
+    view = pydicom.Dataset()
+    for elem in ds:
+        if elem.keyword not in (*_PIXEL_TAGS, 'PerFrameFunctionalGroupsSequence'): view.add(elem)
+    for elem in found.values(): view.add(pydicom.DataElement(elem.tag, elem.VR, elem.value))
+    view.file_meta = ds.file_meta
+    return view
+
+# %% ../nbs/00b_dicom.ipynb #bff801d6
 WINDOWS = {  # (center, width) in Hounsfield units: the usual CT windows
     'brain': (40, 80), 'subdural': (75, 215), 'stroke': (40, 40), 'temporal_bone': (600, 2800),
     'soft_tissue': (50, 400), 'mediastinum': (50, 350), 'abdomen': (50, 400), 'liver': (30, 150),
     'lungs': (-600, 1500), 'bone': (400, 1800), 'spine_bone': (400, 1800),
 }
 
-# %% ../nbs/00b_dicom.ipynb #b4d78952
+# %% ../nbs/00b_dicom.ipynb #cf3ac1bd
 _WINDOW_WORDS = ('minmax', 'dicom')
 
 def _check_window(window):
@@ -163,7 +194,7 @@ def unit_range(v:np.ndarray, lo:float, hi:float) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     return np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
 
-# %% ../nbs/00b_dicom.ipynb #fb01a913
+# %% ../nbs/00b_dicom.ipynb #c43f72c8
 def _value_range(ds) -> tuple[float, float]:
     "The values a file of `ds`'s kind can hold, in modality units, as pydicom's `apply_windowing` computes its output range (color: the stored range)"
     if ds.get('PhotometricInterpretation') == 'PALETTE COLOR':
@@ -199,7 +230,7 @@ def _file_voi(ds, values:np.ndarray, name:str) -> np.ndarray:
     else: lo, hi = _value_range(ds)
     return (np.asarray(out, dtype=np.float64) - lo) / (hi - lo)
 
-# %% ../nbs/00b_dicom.ipynb #c43f72c8
+# %% ../nbs/00b_dicom.ipynb #40896fd5
 def _picture(ds, values:np.ndarray, window, name:str) -> np.ndarray:
     "`values` (modality units) of `ds` through `window`, MONOCHROME1 inverted, as float32 0 (black) .. 1 (white)"
     if window is None or window == 'dicom':
@@ -207,6 +238,9 @@ def _picture(ds, values:np.ndarray, window, name:str) -> np.ndarray:
         elif window == 'dicom':
             raise ValueError(f"DICOM file {name} has no window (Window Center and Width) nor VOI LUT for window='dicom'; "
                              f"give one: (center, width) in its modality units, a preset ({', '.join(WINDOWS)}) or 'minmax'")
+        elif 'BitsStored' not in ds:
+            raise ValueError(f"DICOM file {name} gives no Bits Stored (float pixel data?), so it has no full value range to show; "
+                             f"give a window: (center, width) in its modality units, a preset or 'minmax'")
         else: out = unit_range(values, *sorted(_value_range(ds)))
     elif window == 'minmax': out = unit_range(values, values.min(), values.max())
     else: out = unit_range(values, *window_range(window))
@@ -217,9 +251,11 @@ def dicom_gray(src, window:tuple|str|None=None, frame:int|None=None) -> np.ndarr
     "The picture of DICOM `src` (file name, `Path`, bytes or pydicom `Dataset`), float32 from 0 black to 1 white: one frame (`frame`), through `window` (default: the file's own), MONOCHROME1 inverted"
     _check_window(window); _check_frame(frame)
     ds, name = read_dicom(src), _source_name(src)
-    return _picture(ds, np.asarray(_values(ds, _decoded(ds, frame, name))), window, name)
+    stored = _decoded(ds, frame, name)
+    ds = _for_frame(ds, frame)
+    return _picture(ds, np.asarray(_values(ds, stored)), window, name)
 
-# %% ../nbs/00b_dicom.ipynb #a2a02b00
+# %% ../nbs/00b_dicom.ipynb #7f4f08e2
 DICOM_TAGS = ('PatientID', 'StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'Modality', 'BodyPartExamined',
               'StudyDate', 'SeriesDescription', 'Manufacturer', 'PhotometricInterpretation', 'Rows', 'Columns',
               'NumberOfFrames', 'BitsStored', 'PixelSpacing', 'SliceThickness', 'RescaleSlope', 'RescaleIntercept',

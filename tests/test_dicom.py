@@ -233,3 +233,31 @@ def test_dicom_folder_in_a_datablock(tmp_path):
     assert x.shape == (5, 1, 16, 16) and 0 <= x.min() and x.max() <= 1
     for i, f in enumerate(dls.train_ds.items):
         if f.suffix == '.dcm': np.testing.assert_allclose(x[i, 0].numpy(), dicom_gray(f, window='minmax'), atol=1e-5)
+
+def test_enhanced_multiframe_functional_groups():
+    "An enhanced multi-frame file: the rescale shared by all frames, a window per frame, from its functional groups"
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    ds = dataset('MR_small.dcm')
+    a = ds.pixel_array.astype(np.uint16)
+    ds.set_pixel_data(np.stack([a, a]), 'MONOCHROME2', 16)
+    del ds.WindowCenter, ds.WindowWidth
+    def group(**attrs):
+        item = Dataset()
+        for k, v in attrs.items(): setattr(item, k, v)
+        return Sequence([item])
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = group(RescaleSlope=2, RescaleIntercept=-100, RescaleType='US')
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for center, width in ((1000, 2000), (2000, 1000)):
+        g = Dataset()
+        g.FrameVOILUTSequence = group(WindowCenter=center, WindowWidth=width)
+        frames.append(g)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    for frame, (center, width) in enumerate(((1000, 2000), (2000, 1000))):
+        np.testing.assert_array_equal(dicom_values(ds, frame=frame), 2. * a - 100)
+        v = 2. * a - 100
+        expected = np.clip(((v - (center - 0.5)) / (width - 1) + 0.5), 0, 1)  # DICOM's linear window
+        np.testing.assert_allclose(dicom_gray(ds, frame=frame), expected, atol=1e-6)
+    assert 'RescaleSlope' not in ds and 'WindowCenter' not in ds  # the file is not changed
