@@ -9,10 +9,11 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #beaca948
 from .core import *
+from .dicom import *
 from .data import *
 from .stem import *
 from .weights import *
 from .learner import *
 from .distributed import *
-from . import core, data, stem, weights, learner, distributed
-__all__ = [name for module in (core, data, stem, weights, learner, distributed) for name in module.__all__]
+from . import core, dicom, data, stem, weights, learner, distributed
+__all__ = [name for module in (core, dicom, data, stem, weights, learner, distributed) for name in module.__all__]

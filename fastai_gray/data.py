@@ -1,4 +1,4 @@
-"""Whatever image a fastai pipeline meets (a file, bytes, a PIL image of any mode, an array, a tensor) becomes a 1-channel image that keeps the precision of 16-bit and float data and shows as gray.
+"""Whatever image a fastai pipeline meets (a file, bytes, a DICOM file or dataset, a PIL image of any mode, an array, a tensor) becomes a 1-channel image that keeps the precision of 16-bit and float data and shows as gray.
 
 Docs: https://fastai-gray.github.io/fastai_gray/data.html.md"""
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np, torch
 from torch import Tensor
 from PIL import Image, ImageOps
-from fastcore.basics import store_attr, defaults
+from fastcore.basics import defaults
+from fastcore.meta import delegates
 from fastcore.foundation import L
 from fastcore.parallel import parallel
 from fasttransform.transform import DisplayedTransform
@@ -24,6 +25,25 @@ from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.transforms import IntToFloatTensor
 from fastai.vision.core import PILBase, PILImageBW, PILMask
 from .core import luma
+from .dicom import is_dicom, dicom_gray, unit_range, _check_window, _check_frame, _source_name
+
+# %% ../nbs/01_data.ipynb #8749271b
+def _check_background(background:float):
+    if not 0 <= background <= 1: raise ValueError(f"background is a gray level in [0, 1], got {background!r}")
+
+def _gray_settings(background:float=0., # gray level (0 black, 1 white) that transparent pixels are composited over
+                   draft:int|tuple|None=None, # JPEG files are decoded at no less than this size: pixels, or (width, height); None: full size
+                   window:tuple|str|None=None, # (center, width) in the image's own values (modality units for DICOM), 'minmax', or for DICOM 'dicom' or a preset of `fastai_gray.dicom.WINDOWS`; None: the data type's range (DICOM: the file's own window)
+                   frame:int|None=None, # the frame (from 0) of a multi-frame file to read; None: the only frame of a DICOM file, the first of others
+                  ) -> dict:
+    "The settings of the gray images made, checked before any image is read, as a dict"
+    _check_background(background); _draft_size(draft); _check_window(window); _check_frame(frame)
+    return dict(background=background, draft=draft, window=window, frame=frame)
+
+def _keep_settings(tfm, settings:dict):
+    "Store checked `settings` on transform `tfm`: as attributes, and in its repr"
+    tfm.__stored_args__ = _gray_settings(**settings)
+    for k, v in tfm.__stored_args__.items(): setattr(tfm, k, v)
 
 # %% ../nbs/01_data.ipynb #535315b8
 class TensorImageGray(TensorImageBW):
@@ -41,10 +61,11 @@ class PILImageGray(PILImageBW):
     _show_args = {'cmap': 'gray', 'vmin': 0, 'vmax': 255}
 
     @classmethod
-    def create(cls, fn:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0., draft:int|tuple|None=None,
-               window:tuple|str|None=None):
-        "A `PILImageGray` from anything `gray_image` reads, transparency composited over the gray level `background`; JPEG files decoded at no less than `draft`; through `window`"
-        return cls(gray_image(fn, background=background, draft=draft, window=window))
+    @delegates(_gray_settings)
+    def create(cls, fn:Path|str|bytes|Image.Image|np.ndarray|Tensor, # anything `gray_image` reads
+               **kwargs):
+        "A `PILImageGray` made by `gray_image` with these settings"
+        return cls(gray_image(fn, **kwargs))
 
 # %% ../nbs/01_data.ipynb #b10b3582
 _ARRAY_DTYPES = {np.uint8, np.uint16, np.bool_, np.float16, np.float32, np.float64}
@@ -141,8 +162,6 @@ def _draft_size(draft:int|tuple|None):
 
 _ORIENTATION = 0x0112  # the EXIF orientation tag; its values 5 to 8 turn the image by a quarter
 
-def _source_name(src:Path|str|bytes): return f'<{len(src)} bytes>' if isinstance(src, bytes) else repr(str(src))
-
 def _unidentified_reason(src:Path|str|bytes):
     "Why PIL identifies no image in `src`: it is empty, or what the reader for its suffix says ('' if nothing to add)"
     if (len(src) if isinstance(src, bytes) else Path(src).stat().st_size) == 0: return '; the file is empty (0 bytes)'
@@ -153,11 +172,19 @@ def _unidentified_reason(src:Path|str|bytes):
     except Exception as e: return f'; as a {fmt} file: {e}'
     return ''
 
-def _read_image(src:Path|str|bytes, draft:int|tuple|None=None):
-    "The first frame of the image file `src` (a file name, `Path` or the file's bytes), loaded and turned upright by its EXIF orientation; a JPEG as its luma, at no less than `draft`"
+def _seek(im:Image.Image, frame:int|None, name:str):
+    "Go to frame `frame` of `im` (None: stay on the first), or a `ValueError` naming the file and its number of frames"
+    if frame is None: return
+    n = getattr(im, 'n_frames', 1)
+    if frame >= n: raise ValueError(f"image {name} has {n} frame{'s' if n > 1 else ''}, so frame={frame} is out of range (0 to {n - 1})")
+    im.seek(frame)
+
+def _read_image(src:Path|str|bytes, draft:int|tuple|None=None, frame:int|None=None):
+    "Frame `frame` (default the first) of the image file `src` (a file name, `Path` or the file's bytes), loaded and turned upright by its EXIF orientation; a JPEG as its luma, at no less than `draft`"
     name, size = _source_name(src), _draft_size(draft)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            _seek(im, frame, name)
             if im.format in _DRAFT_FORMATS:  # CMYK JPEGs keep their mode, and are only scaled
                 if size and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8): size = size[::-1]  # `draft` is of the upright image
                 im.draft('L', size)
@@ -169,16 +196,6 @@ def _read_image(src:Path|str|bytes, draft:int|tuple|None=None):
         raise (type(e) if isinstance(e, OSError) else OSError)(f"cannot read image {name}: {why}") from e
 
 # %% ../nbs/01_data.ipynb #d641d7a3
-def _check_window(window):
-    "A `ValueError` unless `window` is None, 'minmax', or a `(center, width)` pair of finite numbers with a positive width"
-    if window is None or (isinstance(window, str) and window == 'minmax'): return
-    def number(v): return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and bool(np.isfinite(v))
-    try: center, width = window
-    except (TypeError, ValueError): center = width = None
-    if not (number(center) and number(width) and width > 0):
-        raise ValueError(f"window is (center, width) in the image's own values, with a width > 0, or 'minmax' (each image's "
-                         f"own minimum to maximum); got {window!r}")
-
 def _white(x:Image.Image|np.ndarray) -> float:
     "White in the units of the values of image `x`: 65535 for 16-bit data, 1 for float and bool data, 255 for 8-bit data"
     if isinstance(x, Image.Image): return 65535. if x.mode in _16BIT_MODES or x.mode == 'I' else 1. if x.mode == 'F' else 255.
@@ -187,19 +204,15 @@ def _white(x:Image.Image|np.ndarray) -> float:
 def _windowed(g:Image.Image, white:float, window) -> Image.Image:
     "Gray image `g` (0..255 scale, made from values whose white is `white`) through `window`, as a mode 'F' image on the 0..255 scale"
     v = np.asarray(g, dtype=np.float64)
-    if isinstance(window, str): lo, hi = v.min(), v.max()  # 'minmax'
+    if isinstance(window, str):
+        if window != 'minmax':
+            raise ValueError(f"window={window!r} is for DICOM files ({'the file' + chr(39) + 's own window' if window == 'dicom' else 'a CT preset in Hounsfield units'}), "
+                             "and this image is not DICOM; give (center, width) in its own values, or 'minmax'")
+        lo, hi = v.min(), v.max()
     else: lo, hi = ((window[0] + k * window[1] / 2) * (255 / white) for k in (-1, 1))
-    out = np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
-    return Image.fromarray((out * 255).astype(np.float32))
+    return Image.fromarray((unit_range(v, lo, hi) * 255).astype(np.float32))
 
 # %% ../nbs/01_data.ipynb #db6963b1
-def _check_background(background:float):
-    if not 0 <= background <= 1: raise ValueError(f"background is a gray level in [0, 1], got {background!r}")
-
-def _check_settings(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
-    "A `ValueError` for a bad `background`, `draft` or `window`, before any image is read"
-    _check_background(background); _draft_size(draft); _check_window(window)
-
 def _gray(x:Image.Image|np.ndarray|Tensor, background:float, window):
     "In-memory image `x` as a new 1-channel PIL image, through `window`"
     if isinstance(x, PILImageGray) and not (window is None or isinstance(window, str)):
@@ -209,28 +222,36 @@ def _gray(x:Image.Image|np.ndarray|Tensor, background:float, window):
     if isinstance(x, Tensor): x = _tensor_as_hwc(x)
     if isinstance(x, Image.Image): g = _gray_from_pil(x, background)
     elif isinstance(x, np.ndarray): g = _gray_from_array(x, background)
-    else: raise TypeError(f"gray_image reads a file name, Path, bytes, PIL image, numpy array or torch tensor, got {type(x).__name__}")
+    else: raise TypeError(f"gray_image reads a file name, Path, bytes, DICOM Dataset, PIL image, numpy array or torch tensor, got {type(x).__name__}")
     return g if window is None else _windowed(g, _white(x), window)
 
-def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, background:float=0., draft:int|tuple|None=None,
-               window:tuple|str|None=None) -> Image.Image:
-    "`x` (image file, its bytes, PIL image, array or tensor) as a new 1-channel PIL image: 'L' for 8-bit data, 'F' on the 0..255 scale for 16-bit and float data and windowed images; transparency composited over the gray level `background` (0..1); JPEG files decoded to luma, at no less than `draft` pixels; `window` (center, width) in the image's own values, or 'minmax'"
-    _check_settings(background, draft, window)
-    if not isinstance(x, (str, Path, bytes)): return _gray(x, background, window)
-    im = _read_image(x, draft)
-    try: return _gray(im, background, window)
+def _gray_dicom(x, window, frame) -> Image.Image:
+    "DICOM `x` (file, bytes or `Dataset`) as the picture `fastai_gray.dicom.dicom_gray` makes, a mode 'F' image on the 0..255 scale"
+    return Image.fromarray(dicom_gray(x, window=window, frame=frame) * np.float32(255))
+
+@delegates(_gray_settings)
+def gray_image(x:Path|str|bytes|Image.Image|np.ndarray|Tensor, # image file (name or `Path`), its bytes, DICOM file or pydicom `Dataset`, PIL image, array or tensor
+               **kwargs) -> Image.Image:
+    "`x` as a new 1-channel PIL image: 'L' for 8-bit data, 'F' on the 0..255 scale for 16-bit and float data, DICOM and windowed images"
+    s = _gray_settings(**kwargs)
+    if is_dicom(x): return _gray_dicom(x, s['window'], s['frame'])
+    if not isinstance(x, (str, Path, bytes)):
+        if s['frame']: raise ValueError(f"frame picks a frame of a multi-frame file (DICOM, TIFF, GIF); a {type(x).__name__} is one image, frame 0, got frame={s['frame']!r}")
+        return _gray(x, s['background'], s['window'])
+    im = _read_image(x, s['draft'], s['frame'])
+    try: return _gray(im, s['background'], s['window'])
     except ValueError as e: raise ValueError(f"cannot convert image {_source_name(x)}: {e}") from e
 
 # %% ../nbs/01_data.ipynb #9fc59dff
 class GrayTransform(DisplayedTransform):
-    "Item transform making every image a 1-channel `PILImageGray`, transparency over the gray level `background`, through `window`; labels and masks pass through"
+    "Item transform making every image (and file) a 1-channel `PILImageGray` with these settings; labels and masks pass through"
     order = -1  # before CropPad (0), Resize and RandomResizedCrop (1), ToTensor (5)
-    def __init__(self, background:float=0., window:tuple|str|None=None):
-        _check_settings(background, window=window)
-        store_attr()
+    @delegates(_gray_settings)
+    def __init__(self, **kwargs):
+        _keep_settings(self, kwargs)
         super().__init__()
 
-    def _gray(self, x): return PILImageGray.create(x, background=self.background, window=self.window)
+    def _gray(self, x): return PILImageGray.create(x, **self.__stored_args__)
     def encodes(self, x:Image.Image): return self._gray(x)
     def encodes(self, x:PILImageGray): return x if self.window is None else self._gray(x)
     def encodes(self, x:PILMask): return x
@@ -242,21 +263,24 @@ class GrayTransform(DisplayedTransform):
 
 # %% ../nbs/01_data.ipynb #946839aa
 class _GrayOpener(DisplayedTransform):
-    "The type transform of a gray block with settings: `PILImageGray.create` with `background`, `draft` and `window` bound"
+    "The type transform of a gray block with settings: `PILImageGray.create` with them bound"
     input_types = (Path, str, bytes, Image.Image, np.ndarray, Tensor)  # what `PILImageGray.create` reads, for fastai's `test_dl`
-    def __init__(self, background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
-        store_attr()
+    @delegates(_gray_settings)
+    def __init__(self, **kwargs):
+        _keep_settings(self, kwargs)
         super().__init__()
-    def encodes(self, fn): return PILImageGray.create(fn, background=self.background, draft=self.draft, window=self.window)
+    def encodes(self, fn): return PILImageGray.create(fn, **self.__stored_args__)
 
-def _gray_create(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
+@delegates(_gray_settings)
+def _gray_create(**kwargs):
     "The type transform that opens gray images: `PILImageGray.create`, or a `_GrayOpener` when the settings are not the defaults"
-    _check_settings(background, draft, window)
-    return _GrayOpener(background, draft, window) if background or draft or window else PILImageGray.create
+    s = _gray_settings(**kwargs)
+    return PILImageGray.create if s == _gray_settings() else _GrayOpener(**s)
 
-def GrayImageBlock(background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None):
-    "A `TransformBlock` for 1-channel `PILImageGray` images, transparency over the gray level `background`, JPEGs decoded at no less than `draft`, through `window`"
-    return TransformBlock(type_tfms=_gray_create(background, draft, window), batch_tfms=IntToFloatTensor)
+@delegates(_gray_settings)
+def GrayImageBlock(**kwargs):
+    "A `TransformBlock` for 1-channel `PILImageGray` images made with these settings, as float in [0, 1] in the batch"
+    return TransformBlock(type_tfms=_gray_create(**kwargs), batch_tfms=IntToFloatTensor)
 
 # %% ../nbs/01_data.ipynb #5577b2d2
 def _is_image_create(f):
@@ -267,28 +291,34 @@ def _is_image_create(f):
     return (getattr(f, '__name__', None) == 'create' and isinstance(cls, type)
             and issubclass(cls, PILBase) and not issubclass(cls, PILMask))
 
-def to_gray(dblock:DataBlock, background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None) -> DataBlock:
-    "A copy of `dblock` whose image blocks make 1-channel `PILImageGray`s (transparency over gray level `background`, JPEGs decoded at no less than `draft`, through `window`); `dblock` is unchanged"
+@delegates(_gray_settings)
+def to_gray(dblock:DataBlock, # a `DataBlock` with at least one image block; it is not changed
+            **kwargs) -> DataBlock:
+    "A copy of `dblock` whose image blocks make 1-channel `PILImageGray`s with these settings"
     if not any(_is_image_create(f) for tfms in dblock.type_tfms for f in tfms):
         raise ValueError("to_gray needs a DataBlock with an image block (a type transform like `PILImage.create`); "
                          f"this one's type transforms are {list(dblock.type_tfms)}")
-    gray = _gray_create(background, draft, window)
+    gray = _gray_create(**kwargs)
     res = copy.deepcopy(dblock)
     res.type_tfms = L(L(gray if _is_image_create(f) else f for f in tfms) for tfms in res.type_tfms)
     return res
 
 # %% ../nbs/01_data.ipynb #1294ce97
-def verify_gray_image(fn:Path|str|bytes, background:float=0., draft:int|tuple|None=None, window:tuple|str|None=None) -> str|None:
+@delegates(_gray_settings)
+def verify_gray_image(fn:Path|str|bytes, # an image file (name, `Path` or its bytes), DICOM included
+                      **kwargs) -> str|None:
     "None if `gray_image` reads and converts the file `fn` with these settings, else the reason it cannot (which names the file)"
-    try: gray_image(fn, background=background, draft=draft, window=window)
+    try: gray_image(fn, **kwargs)
     except (OSError, ValueError, Image.DecompressionBombError) as e: return str(e)
     return None
 
-def verify_gray_images(fns, n_workers:int=defaults.cpus, background:float=0., draft:int|tuple|None=None,
-                       window:tuple|str|None=None, progress:bool=False) -> L:
+@delegates(_gray_settings)
+def verify_gray_images(fns, # image files (names or `Path`s), DICOM included
+                       n_workers:int=defaults.cpus, # threads reading the files; 0 reads them one by one
+                       progress:bool=False, # show a progress bar
+                       **kwargs) -> L:
     "`(file, reason)` for each of the files `fns` that `gray_image` cannot read or convert with these settings, in the order given"
-    _check_settings(background, draft, window)  # a bad setting is one error, not one per file
+    settings = _gray_settings(**kwargs)  # a bad setting is one error, not one per file
     fns = L(fns)
-    reasons = parallel(verify_gray_image, fns, n_workers=n_workers, threadpool=True, progress=progress,
-                       background=background, draft=draft, window=window)
+    reasons = parallel(verify_gray_image, fns, n_workers=n_workers, threadpool=True, progress=progress, **settings)
     return L((f, r) for f, r in zip(fns, reasons) if r is not None)
