@@ -119,7 +119,7 @@ def test_train_valid_layout(data, capsys, tmp_path):
     (['train', '{root}/flat', '--freeze-epochs', '-1'], '--freeze-epochs must be 0 or more'),
     (['train', '{root}/flat', '--lr', 'fast'], "invalid float value: 'fast'"),
     (['train', '{root}/flat', '--out', '{root}'], 'is a folder'),
-    (['train', '{root}/flat', '--window', '2048'], '--window takes CENTER WIDTH (numbers, WIDTH > 0) or minmax, got 2048'),
+    (['train', '{root}/flat', '--window', '2048'], '--window takes CENTER WIDTH (numbers, WIDTH > 0), minmax, dicom'),
     (['train', '{root}/flat', '--window', '100', '0'], '--window takes CENTER WIDTH'),
     (['train', '{root}/flat', '--window', 'max'], '--window takes CENTER WIDTH'),
     (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'not a learner exported'),
@@ -212,3 +212,43 @@ def test_python_m(data):
     lines = res.stderr.splitlines()
     assert res.returncode == 1 and len(lines) == 1, res.stderr   # no library warnings, no traceback
     assert lines[0].startswith("fastai-gray: error: unknown arch 'resnet19'") and 'did you mean resnet18' in lines[0]
+
+
+def _dicom_copies(src:str, dest:Path, n:int, seed:int):
+    "`n` copies of pydicom's test file `src` in `dest`, each with noise added to its stored pixels"
+    pydicom = pytest.importorskip('pydicom')
+    from pydicom.data import get_testdata_file
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        ds = pydicom.dcmread(get_testdata_file(src))
+        a = ds.pixel_array
+        a = (a.astype(np.int64) + rng.integers(-20, 21, a.shape)).clip(np.iinfo(a.dtype).min, np.iinfo(a.dtype).max)
+        ds.PixelData = a.astype(a.dtype if a.dtype == ds.pixel_array.dtype else ds.pixel_array.dtype).tobytes()
+        ds.save_as(dest/f'{src[:2].lower()}{i}.dcm')
+
+
+@pytest.mark.slow
+def test_dicom_folder(tmp_path, capsys):
+    "A folder of DICOM files mixed with a PNG: bad DICOM listed, the rest trained on, predict reads a .dcm file"
+    _dicom_copies('CT_small.dcm', tmp_path/'data'/'ct', 6, 0)
+    _dicom_copies('MR_small.dcm', tmp_path/'data'/'mr', 6, 1)
+    _image('a', 0, 'L').save(tmp_path/'data'/'ct'/'scout.png')
+    good = (tmp_path/'data'/'ct'/'ct0.dcm').read_bytes()
+    (tmp_path/'data'/'mr'/'cut.dcm').write_bytes(good[:len(good) // 2])       # cut short
+    (tmp_path/'data'/'mr'/'notes.dcm').write_text('not a DICOM file')
+    status, out, err = run(capsys, 'train', tmp_path/'data', *TINY)
+    assert status == 1 and 'epoch' not in out
+    bad = [l for l in err.splitlines() if l.startswith('fastai-gray: bad image: ')]
+    assert len(bad) == 2 and 'cut.dcm' in bad[0] and 'notes.dcm' in bad[1], err
+    model = tmp_path/'m.pkl'
+    status, out, err = run(capsys, 'train', tmp_path/'data', *TINY, '--skip-bad', '--out', model)
+    assert status == 0, err
+    assert '11 training and 2 validation images, 2 classes' in out
+    status, out, err = run(capsys, 'predict', model, tmp_path/'data'/'mr'/'mr1.dcm', tmp_path/'data'/'mr'/'notes.dcm')
+    rows = [l.split('\t') for l in out.splitlines()]
+    assert status == 1 and len(rows) == 1 and rows[0][0].endswith('mr1.dcm') and rows[0][1] in ('ct', 'mr')
+    assert 'notes.dcm' in err
+    status, out, err = run(capsys, 'train', tmp_path/'data', *TINY, '--window', 'lungs', '--skip-bad', '--out', model)
+    assert status == 0, err
+    assert "skipping: " in err and 'scout.png' in err and 'window lungs' in out   # a CT preset does not apply to a PNG
