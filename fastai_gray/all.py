@@ -14,5 +14,6 @@ from .stem import *
 from .weights import *
 from .learner import *
 from .distributed import *
-from . import core, data, stem, weights, learner, distributed
-__all__ = [name for module in (core, data, stem, weights, learner, distributed) for name in module.__all__]
+from .export import *
+from . import core, data, stem, weights, learner, distributed, export
+__all__ = [name for module in (core, data, stem, weights, learner, distributed, export) for name in module.__all__]
