@@ -18,7 +18,7 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, 
 from fastai.torch_core import TensorCategory
 from fastai.data.core import Datasets, DataLoaders, TfmdDL
 from fastai.data.transforms import Categorize, IntToFloatTensor, Normalize, ToTensor
-from fastai.vision.augment import Resize, RandTransform
+from fastai.vision.augment import Resize, RandTransform, AffineCoordTfm
 from fastai.vision.learner import create_vision_model, create_timm_model, model_meta, default_split, TimmBody, _default_meta
 from PIL import Image
 from . import __version__
@@ -48,6 +48,11 @@ def _is_bool(v): return isinstance(v, bool)
 def _is_str(v): return isinstance(v, str)
 def _one_of(*vals): return lambda v: isinstance(v, str) and v in vals
 def _or_none(check): return lambda v: v is None or check(v)
+def _nullable(fields:dict):
+    "Check of null, or of a JSON object with `fields` (checked by `_check_fields`)"
+    def check(v): return v is None
+    check.fields = fields
+    return check
 def _pair(check): return lambda v: isinstance(v, list) and len(v) == 2 and all(check(o) for o in v)
 def _stats(n):
     "Check of `[[mean]*n, [std]*n]`, stds positive"
@@ -64,6 +69,11 @@ _MODEL_FIELDS = dict(  # the head settings of `gray_learner` that change the mod
     ps=(lambda v: _is_num(v) or (isinstance(v, list) and all(map(_is_num, v))), 'a number or a list of numbers'),
     first_bn=(_is_bool, 'true or false'), bn_final=(_is_bool, 'true or false'), lin_first=(_is_bool, 'true or false'),
     y_range=(_or_none(_pair(_is_num)), 'null or [low, high]'))
+_AFFINE_FIELDS = dict(  # a batch `AffineCoordTfm` (aug_transforms): at inference, an identity resample to `size`
+    size=(_or_none(_pair(lambda o: _is_int(o) and o > 0)), 'null or [height, width]'),
+    mode=(_one_of('bilinear', 'nearest', 'bicubic'), '"bilinear", "nearest" or "bicubic"'),
+    pad_mode=(_one_of('zeros', 'border', 'reflection'), '"zeros", "border" or "reflection"'),
+    align_corners=(_or_none(_is_bool), 'null, true or false'))
 _INPUT_FIELDS = dict(  # how an image becomes the model's input: the gray block's reading, the item Resize
     background=(lambda v: _is_num(v) and 0 <= v <= 1, 'a number in [0, 1]'),
     draft=(_or_none(lambda v: (_is_int(v) and v > 0) or _pair(lambda o: _is_int(o) and o > 0)(v)), 'null, a positive int or [width, height]'),
@@ -71,7 +81,8 @@ _INPUT_FIELDS = dict(  # how an image becomes the model's input: the gray block'
     size=(_or_none(_pair(lambda o: _is_int(o) and o > 0)), 'null (no Resize) or [height, width]'),
     method=(_one_of('crop', 'pad', 'squish'), '"crop", "pad" or "squish"'),
     pad_mode=(_one_of('zeros', 'border', 'reflection'), '"zeros", "border" or "reflection"'),
-    resamples=(_pair(lambda o: _is_int(o) and o in _RESAMPLES), f'[image, mask] PIL resampling filters among {sorted(_RESAMPLES)}'))
+    resamples=(_pair(lambda o: _is_int(o) and o in _RESAMPLES), f'[image, mask] PIL resampling filters among {sorted(_RESAMPLES)}'),
+    affine=(_nullable(_AFFINE_FIELDS), 'null or the batch resample settings'))
 _FIELDS = dict(
     format=(lambda v: v == MODEL_FORMAT, f'"{MODEL_FORMAT}"'),
     format_version=(lambda v: _is_int(v) and v == MODEL_FORMAT_VERSION, f'{MODEL_FORMAT_VERSION}, the version this fastai_gray reads'),
@@ -99,6 +110,7 @@ def _check_fields(d, fields:dict, where:str, src:str):
     if unknown: raise ModelFileError(f"{src}: unknown field '{where}{unknown[0]}'; this format (version {MODEL_FORMAT_VERSION}) has only {list(fields)}")
     for k, (check, expected) in fields.items():
         if isinstance(check, dict): _check_fields(d[k], check, f'{where}{k}.', src)
+        elif getattr(check, 'fields', None) and d[k] is not None: _check_fields(d[k], check.fields, f'{where}{k}.', src)
         elif not check(d[k]): raise ModelFileError(f"{src}: field '{where}{k}' must be {expected}; got {d[k]!r}"[:500])
 
 def check_model_meta(meta:dict, src:str='model file') -> dict:
@@ -162,7 +174,7 @@ def _reading(dls) -> dict:
     fs = ds.tls[0].tfms.fs
     opener = fs[-1] if len(fs) else None
     if isinstance(opener, _GrayOpener): return dict(background=opener.background, draft=opener.draft, window=opener.window)
-    if getattr(opener, '__func__', None) is PILImageGray.create.__func__: return dict(background=0., draft=None, window=None)
+    if getattr(opener, 'name', None) == 'PILImageGray.create': return dict(background=0., draft=None, window=None)  # as a Pipeline wraps it
     raise ValueError(f"export_safe records how images are read only for a gray block (GrayImageBlock, to_gray); these DataLoaders "
                      f"open their images with {_name(opener) if opener is not None else 'nothing'}, which a model file cannot describe")
 
@@ -174,24 +186,31 @@ def _resizing(dls) -> dict:
         if type(t) is not Resize or res['size'] is not None:
             raise ValueError(f"export_safe records one item Resize (and training-only augmentations); these DataLoaders have the item "
                              f"transform {_name(t)}, which a model file cannot describe")
-        res.update(size=[int(s) for s in t.size], method=str(t.method), pad_mode=str(t.pad_mode), resamples=[int(t.mode), int(t.mode_mask)])
+        res.update(size=[int(t.size[1]), int(t.size[0])],  # Resize keeps (width, height)
+                    method=str(t.method), pad_mode=str(t.pad_mode), resamples=[int(t.mode), int(t.mode_mask)])
     return res
 
-def _input_norm(dls):
-    "The 1-channel `Normalize` stats of `dls` (None without one); a `ValueError` naming any other batch transform"
-    for t in dls.valid.after_batch.fs:
-        if isinstance(t, (Normalize, IntToFloatTensor)) and type(t) in (Normalize, IntToFloatTensor): continue
-        if isinstance(t, RandTransform) and t.split_idx == 0: continue
-        raise ValueError(f"export_safe records IntToFloatTensor and Normalize as batch transforms (and training-only augmentations); "
-                         f"these DataLoaders have {_name(t)}, which a model file cannot describe")
-    ints = [t for t in dls.valid.after_batch.fs if type(t) is IntToFloatTensor]
+def _affine(t) -> dict:
+    "What the batch `AffineCoordTfm` `t` (`aug_transforms`' Flip, Rotate, Zoom, Warp) does at inference: an identity resample to its size"
+    size = None if t.size is None else [t.size, t.size] if isinstance(t.size, int) else [int(s) for s in t.size]
+    return dict(size=size, mode=str(t.mode), pad_mode=str(t.pad_mode), align_corners=t.align_corners)
+
+def _batch_settings(dls) -> tuple:
+    "`(affine, norm)`: the inference effect of `dls`'s `AffineCoordTfm` and its 1-channel `Normalize` stats (None when absent); a `ValueError` naming any other batch transform"
+    affine, fs = None, dls.valid.after_batch.fs
+    for t in fs:
+        if type(t) in (Normalize, IntToFloatTensor) or (isinstance(t, RandTransform) and t.split_idx == 0): continue  # training-only
+        if isinstance(t, AffineCoordTfm) and affine is None: affine = _affine(t); continue
+        raise ValueError(f"export_safe records IntToFloatTensor, Normalize, one AffineCoordTfm (aug_transforms) and training-only "
+                         f"augmentations as batch transforms; these DataLoaders have {_name(t)}, which a model file cannot describe")
+    ints = [t for t in fs if type(t) is IntToFloatTensor]
     if len(ints) != 1 or ints[0].div != 255:
         raise ValueError("export_safe needs the gray block's IntToFloatTensor (div=255) among the batch transforms, once")
     norm = _normalize_of(dls)
-    if norm is None: return None
+    if norm is None: return affine, None
     mean, std = _stats_of(norm)
     if len(mean) != 1: raise ValueError(f"export_safe needs 1-channel Normalize stats, got mean={mean}")
-    return [mean, std]
+    return affine, [mean, std]
 
 def _json_label(v):
     "A vocab entry as a JSON string or number (numpy numbers become Python ones)"
@@ -216,11 +235,12 @@ def model_meta_of(learn) -> dict:
     if not isinstance(learn.dls.train_ds.tls[-1].tfms.fs[-1] if hasattr(learn.dls.train_ds, 'tls') else None, Categorize):
         raise ValueError("export_safe records single-label classifiers: the target must be a CategoryBlock (Categorize)")
     arch, source = _arch_name(learn)
+    affine, norm = _batch_settings(learn.dls)
     meta = dict(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION, package_version=__version__, task='classify', arch=arch,
                 arch_source=source, n_out=cfg['n_out'], init=cfg['init'], normalize=bool(cfg['normalize']),
                 stats=None if cfg['stats'] is None else _listed(check_stats(cfg['stats'])),
-                input_stats=_listed(check_stats(cfg['input_stats'], 1, 'input_stats')), input_norm=_input_norm(learn.dls),
-                model={k: _listed(cfg[k]) for k in _MODEL_FIELDS}, input={**_reading(learn.dls), **_resizing(learn.dls)},
+                input_stats=_listed(check_stats(cfg['input_stats'], 1, 'input_stats')), input_norm=norm,
+                model={k: _listed(cfg[k]) for k in _MODEL_FIELDS}, input={**_reading(learn.dls), **_resizing(learn.dls), 'affine': affine},
                 vocab=[_json_label(v) for v in learn.dls.vocab])
     meta['input'] = {k: _listed(v) for k, v in meta['input'].items()}
     try: return check_model_meta(json.loads(json.dumps(meta)), 'export_safe')
@@ -314,7 +334,9 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
     dsets = Datasets([], [[opener], [Categorize(vocab=meta['vocab'], sort=False)]], splits=([], []), do_setup=False)
     dsets.tls[0].types, dsets.tls[1].types = [opener.input_types, PILImageGray], [object, TensorCategory]  # what setup finds from items
     after_item = [Resize(tuple(i['size']), i['method'], i['pad_mode'], tuple(i['resamples']))] if i['size'] else []
-    after_batch = [IntToFloatTensor()] + ([Normalize.from_stats(*meta['input_norm'], cuda=False)] if meta['input_norm'] else [])
+    a = i['affine']  # what the learner's AffineCoordTfm (aug_transforms) does at inference: an identity resample
+    after_batch = [IntToFloatTensor()] + ([Normalize.from_stats(*meta['input_norm'], cuda=False)] if meta['input_norm'] else []) + (
+        [AffineCoordTfm(size=tuple(a['size']) if a['size'] else None, mode=a['mode'], pad_mode=a['pad_mode'], align_corners=a['align_corners'])] if a else [])
     train = TfmdDL(dsets.subset(0), bs=bs, after_item=after_item + [ToTensor()], after_batch=after_batch,
                    device=device or torch.device('cpu'), num_workers=0)
     train._n_inp, train._types = 1, {tuple: [TensorImageGray, TensorCategory]}  # what a first batch would show
