@@ -127,7 +127,7 @@ def check_model_meta(meta:dict, src:str='model file') -> dict:
     if len(labels) != meta['n_out']:
         raise ModelFileError(f"{src}: {len(labels)} labels for n_out={meta['n_out']} outputs; expected one label per output")
     _arch(meta['arch'], meta['arch_source'], src)
-    return meta
+    return {k: meta[k] for k in {**_FIELDS, **_TASK_FIELDS[task]}}  # in the schema's order
 
 # %% ../nbs/08_export.ipynb #6707ebda
 def _fastai_archs() -> dict: return {f.__name__: f for f in model_meta if callable(f) and hasattr(f, '__name__')}
