@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import patch
-from fastai.torch_core import default_device
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, FocalLossFlat
-from fastai.torch_core import TensorCategory
+from fastai.torch_core import default_device, TensorCategory
 from fastai.data.core import Datasets, DataLoaders, TfmdDL
 from fastai.data.transforms import Categorize, IntToFloatTensor, Normalize, ToTensor
 from fastai.vision.augment import Resize, RandTransform, AffineCoordTfm
@@ -42,8 +41,10 @@ class ModelFileError(ValueError):
 class PickleRefusedError(ModelFileError):
     "A model file that is not a safetensors file (a pickle, most likely), refused unless pickles are trusted"
 
+_BIG = 2**20  # the largest count or size a field may hold: a file cannot make the loader build a huge model
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
-def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _is_num(v): return (isinstance(v, float) and math.isfinite(v)) or (_is_int(v) and abs(v) <= 2**53)
+def _count(v): return _is_int(v) and 0 < v <= _BIG
 def _is_bool(v): return isinstance(v, bool)
 def _is_str(v): return isinstance(v, str)
 def _one_of(*vals): return lambda v: isinstance(v, str) and v in vals
@@ -65,20 +66,20 @@ _RESAMPLES = {int(r) for r in Image.Resampling}
 
 _MODEL_FIELDS = dict(  # the head settings of `gray_learner` that change the model's structure
     cut=(_or_none(_is_int), 'null or an int'), concat_pool=(_is_bool, 'true or false'), pool=(_is_bool, 'true or false'),
-    lin_ftrs=(_or_none(lambda v: isinstance(v, list) and all(_is_int(o) and o > 0 for o in v)), 'null or a list of positive ints'),
-    ps=(lambda v: _is_num(v) or (isinstance(v, list) and all(map(_is_num, v))), 'a number or a list of numbers'),
+    lin_ftrs=(_or_none(lambda v: isinstance(v, list) and len(v) <= 64 and all(map(_count, v))), f'null or a list of at most 64 ints in 1..{_BIG}'),
+    ps=(lambda v: _is_num(v) or (isinstance(v, list) and len(v) <= 64 and all(map(_is_num, v))), 'a number or a list of at most 64 numbers'),
     first_bn=(_is_bool, 'true or false'), bn_final=(_is_bool, 'true or false'), lin_first=(_is_bool, 'true or false'),
     y_range=(_or_none(_pair(_is_num)), 'null or [low, high]'))
 _AFFINE_FIELDS = dict(  # a batch `AffineCoordTfm` (aug_transforms): at inference, an identity resample to `size`
-    size=(_or_none(_pair(lambda o: _is_int(o) and o > 0)), 'null or [height, width]'),
+    size=(_or_none(_pair(_count)), f'null or [height, width] in 1..{_BIG}'),
     mode=(_one_of('bilinear', 'nearest', 'bicubic'), '"bilinear", "nearest" or "bicubic"'),
     pad_mode=(_one_of('zeros', 'border', 'reflection'), '"zeros", "border" or "reflection"'),
     align_corners=(_or_none(_is_bool), 'null, true or false'))
 _INPUT_FIELDS = dict(  # how an image becomes the model's input: the gray block's reading, the item Resize
     background=(lambda v: _is_num(v) and 0 <= v <= 1, 'a number in [0, 1]'),
-    draft=(_or_none(lambda v: (_is_int(v) and v > 0) or _pair(lambda o: _is_int(o) and o > 0)(v)), 'null, a positive int or [width, height]'),
+    draft=(_or_none(lambda v: _count(v) or _pair(_count)(v)), f'null, an int in 1..{_BIG} or [width, height]'),
     window=(lambda v: v is None or v == 'minmax' or (_pair(_is_num)(v) and v[1] > 0), 'null, "minmax" or [center, width > 0]'),
-    size=(_or_none(_pair(lambda o: _is_int(o) and o > 0)), 'null (no Resize) or [height, width]'),
+    size=(_or_none(_pair(_count)), f'null (no Resize) or [height, width] in 1..{_BIG}'),
     method=(_one_of('crop', 'pad', 'squish'), '"crop", "pad" or "squish"'),
     pad_mode=(_one_of('zeros', 'border', 'reflection'), '"zeros", "border" or "reflection"'),
     resamples=(_pair(lambda o: _is_int(o) and o in _RESAMPLES), f'[image, mask] PIL resampling filters among {sorted(_RESAMPLES)}'),
@@ -90,7 +91,7 @@ _FIELDS = dict(
     task=(_one_of('classify', 'segment'), '"classify" or "segment"'),
     arch=(_is_arch_name, "a model name (letters, digits and _, a timm pretrained tag after a '.'), never a path or a module"),
     arch_source=(_one_of('fastai', 'timm'), '"fastai" (a fastai model_meta arch) or "timm"'),
-    n_out=(lambda v: _is_int(v) and v > 0, 'a positive int'),
+    n_out=(_count, f'an int in 1..{_BIG}'),
     init=(_one_of('exact', 'sum'), '"exact" or "sum"'),
     normalize=(_is_bool, 'true or false'),
     stats=(_or_none(_stats(3)), 'null or [[3 means], [3 positive stds]]'),
@@ -257,16 +258,15 @@ def _safetensors_header(path:Path):
         text = f.read(n)
     if not text.startswith(b'{'): return None
     try: header = json.loads(text)
-    except ValueError: return None  # UnicodeDecodeError is a ValueError
+    except (ValueError, RecursionError): return None  # UnicodeDecodeError is a ValueError
     return header if isinstance(header, dict) else None
 
 def is_safetensors(path) -> bool:
     "Whether the file `path` is a safetensors file, judged from its bytes (never its suffix); nothing in it is run"
     return _safetensors_header(Path(path)) is not None
 
-def read_model_meta(path) -> dict:
-    "The checked metadata of the fastai_gray model file `path`, read from the safetensors header alone; a `ModelFileError` naming the field"
-    path = Path(path)
+def _read_meta(path:Path) -> tuple:
+    "`(meta, header)` of the fastai_gray model file `path`, the metadata checked; a `ModelFileError` naming the field"
     header = _safetensors_header(path)
     if header is None: raise ModelFileError(f"{path} is not a safetensors file")
     raw = header.get('__metadata__')
@@ -274,8 +274,27 @@ def read_model_meta(path) -> dict:
     meta = {}
     for k, v in raw.items():
         try: meta[k] = json.loads(v)
-        except (TypeError, ValueError): raise ModelFileError(f"{path}: field {k!r} is not a JSON value: {v!r}"[:500]) from None
-    return check_model_meta(meta, str(path))
+        except (TypeError, ValueError, RecursionError): raise ModelFileError(f"{path}: field {k!r} is not a JSON value: {v!r}"[:500]) from None
+    return check_model_meta(meta, str(path)), header
+
+def read_model_meta(path) -> dict:
+    "The checked metadata of the fastai_gray model file `path`, read from the safetensors header alone; a `ModelFileError` naming the field"
+    return _read_meta(Path(path))[0]
+
+_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64, I32=torch.int32,
+               I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
+
+def _header_tensors(header:dict, src:str) -> dict:
+    "The tensors the safetensors `header` lists, as empty tensors on the meta device: names, shapes and dtypes, no data read"
+    res = {}
+    for k, v in header.items():
+        if k == '__metadata__': continue
+        shape = v.get('shape') if isinstance(v, dict) else None
+        if not (isinstance(v, dict) and v.get('dtype') in _DTYPES and isinstance(shape, list) and len(shape) <= 8
+                and all(_is_int(s) and 0 <= s <= 2**40 for s in shape)):
+            raise ModelFileError(f"{src}: tensor {k!r} has an entry safetensors does not describe: {v!r}"[:500])
+        res[k] = torch.empty(shape, dtype=_DTYPES[v['dtype']], device='meta')
+    return res
 
 def _check_tensors(state:dict, model:nn.Module, src:str):
     "A `ModelFileError` unless `state` has exactly the tensors of `model`'s state dict, with their shapes and dtypes"
@@ -345,13 +364,14 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
 def load_learner_safe(fname, cpu:bool=True) -> Learner:
     "The gray `Learner` in the safetensors file `fname`, every field and tensor checked first; nothing in the file is run or downloaded"
     path = Path(fname)
-    meta = read_model_meta(path)
+    meta, header = _read_meta(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    with torch.device('meta'): skeleton = _rebuild_model(meta)  # shapes only, no memory: checked before anything is allocated
+    _check_tensors(_header_tensors(header, str(path)), skeleton, str(path))
     model = _rebuild_model(meta)
     try: state = load_file(str(path))
     except SafetensorError as e: raise ModelFileError(f"{path}: the safetensors data is damaged: {e}") from None
-    _check_tensors(state, model, str(path))
     model.load_state_dict(state, strict=True)
     device = torch.device('cpu') if cpu else default_device()
     dls = _gray_dls(meta, device=device)
