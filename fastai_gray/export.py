@@ -359,7 +359,7 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
     train = TfmdDL(dsets.subset(0), bs=bs, after_item=after_item + [ToTensor()], after_batch=after_batch,
                    device=device or torch.device('cpu'), num_workers=0)
     train._n_inp, train._types = 1, {tuple: [TensorImageGray, TensorCategory]}  # what a first batch would show
-    return DataLoaders(train, train.new(dsets.subset(1)))
+    return DataLoaders(train, train.new(dsets.subset(1))).to(device or torch.device('cpu'))  # `to` moves Normalize's stats too
 
 def load_learner_safe(fname, cpu:bool=True) -> Learner:
     "The gray `Learner` in the safetensors file `fname`, every field and tensor checked first; nothing in the file is run or downloaded"
