@@ -11,9 +11,12 @@ __all__ = []
 from .core import *
 from .dicom import *
 from .data import *
+from .datasets import *
 from .stem import *
 from .weights import *
 from .learner import *
 from .distributed import *
-from . import core, dicom, data, stem, weights, learner, distributed
-__all__ = [name for module in (core, dicom, data, stem, weights, learner, distributed) for name in module.__all__]
+from .export import *
+from .train import *
+from . import core, dicom, data, datasets, stem, weights, learner, distributed, export, train
+__all__ = [name for module in (core, dicom, data, datasets, stem, weights, learner, distributed, export, train) for name in module.__all__]

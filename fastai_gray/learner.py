@@ -121,4 +121,7 @@ def gray_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights
                     train_bn=train_bn, moms=moms)
     if pretrained: learn.freeze()
     store_attr('arch,normalize,n_out,pretrained,init', self=learn, **kwargs)
+    learn.gray_config = dict(task='classify', arch=arch if isinstance(arch, str) else getattr(arch, '__name__', None) if arch in model_meta else None,
+        n_out=n_out, init=init, normalize=normalize, stats=stats, input_stats=input_stats, cut=cut, concat_pool=concat_pool, pool=pool,
+        lin_ftrs=lin_ftrs, ps=ps, first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range)
     return learn

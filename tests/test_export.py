@@ -1,0 +1,312 @@
+"Safe model files and ONNX: export_safe -> load_learner_safe round trips, every validation error, pickles refused, ONNX parity."
+import json, os, pickle, struct, sys, warnings
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, get_image_files, parent_label, RandomSplitter, Resize,
+                               RandomResizedCrop, RandomResizedCropGPU, aug_transforms, Normalize, resnet18, set_seed, vision_learner, nn, Learner)
+from fastai_gray.core import gray_stats
+from fastai_gray.data import GrayImageBlock
+from fastai_gray.learner import gray_learner
+from fastai_gray.export import (load_learner_safe, load_model_file, read_model_meta, is_safetensors, export_onnx, NormalizedGray,
+                                ModelFileError, PickleRefusedError, MODEL_FORMAT_VERSION)
+
+
+def _write_images(folder, n=8):
+    "`n` 16-bit PNGs of 30x22 px per class: dark blobs ('a'), bright ones ('b'), stripes ('c')"
+    rng = np.random.default_rng(0)
+    for c, level in zip('abc', (5000, 50000, 20000)):
+        (folder/c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = rng.integers(0, 9000, (22, 30)) + level
+            if c == 'c': a[::3] += 20000
+            Image.fromarray(a.clip(0, 65535).astype(np.uint16)).save(folder/c/f'{c}{i}.png')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory): return _write_images(tmp_path_factory.mktemp('export')/'images')
+
+
+def _dls(folder, block=GrayImageBlock, item_tfms=Resize(24, method='squish'), batch_tfms=None):
+    return DataBlock(blocks=(block, CategoryBlock), get_items=get_image_files, get_y=parent_label, splitter=RandomSplitter(0.25, seed=0),
+                     item_tfms=item_tfms, batch_tfms=batch_tfms).dataloaders(folder, bs=8, num_workers=0)
+
+
+@pytest.fixture(scope='module')
+def lite0(folder, tmp_path_factory):
+    "Lite0 with its real ImageNet weights, on windowed 16-bit images read over a gray background, resized to a non-square size"
+    set_seed(0)
+    dls = _dls(folder, GrayImageBlock(background=0.5, window=(30000., 60000.)), Resize((28, 20), method='pad', pad_mode='zeros'))
+    return gray_learner(dls, 'tf_efficientnet_lite0', path=tmp_path_factory.mktemp('lite0'))
+
+
+@pytest.fixture(scope='module')
+def lite0_file(lite0): return lite0.export_safe('lite0.safetensors')
+
+
+@pytest.fixture(scope='module')
+def resnet(folder, tmp_path_factory):
+    "torchvision resnet18 (pretrained=False), its DataLoaders normalized by the user, init='sum', a custom head size"
+    set_seed(1)
+    dls = _dls(folder, batch_tfms=[*aug_transforms(size=24, min_scale=1.), Normalize.from_stats(*gray_stats())])
+    return gray_learner(dls, resnet18, pretrained=False, init='sum', lin_ftrs=[64], ps=0.3, concat_pool=False,
+                        path=tmp_path_factory.mktemp('resnet'))
+
+
+@pytest.fixture(scope='module')
+def small_file(folder, tmp_path_factory):
+    "A model file of a plain resnet18 classifier, for the validation errors"
+    set_seed(2)
+    return gray_learner(_dls(folder), resnet18, pretrained=False).export_safe(tmp_path_factory.mktemp('small')/'small.safetensors')
+
+
+def _preds(learn, files):
+    with learn.no_bar(): return learn.get_preds(dl=learn.dls.test_dl(files, num_workers=0))[0]
+
+
+@pytest.mark.parametrize('name', [pytest.param('lite0', marks=pytest.mark.slow), 'resnet'])
+def test_round_trip(name, request, folder, tmp_path):
+    learn = request.getfixturevalue(name)
+    fn = learn.export_safe(tmp_path/f'{name}.safetensors')
+    assert fn == tmp_path/f'{name}.safetensors' and is_safetensors(fn)
+    safe = load_learner_safe(fn)
+    files = get_image_files(folder)[::2]
+    torch.testing.assert_close(_preds(safe, files), _preds(learn, files), rtol=0, atol=1e-5)
+    assert list(safe.dls.vocab) == list(learn.dls.vocab)
+    arr = np.asarray(Image.open(files[0]))
+    with learn.no_bar(), safe.no_bar():
+        for item in (str(files[0]), Image.open(files[0]), arr, torch.from_numpy(arr.astype(np.float32) / 65535)[None]):
+            want, got = learn.predict(item), safe.predict(item)
+            assert got[0] == want[0]
+            torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
+    meta = read_model_meta(fn)
+    assert meta['format_version'] == MODEL_FORMAT_VERSION and meta['n_out'] == 3 and meta['vocab'] == ['a', 'b', 'c']
+    assert safe.gray_config['arch'] == learn.gray_config['arch']
+    assert type(load_model_file(fn)) is Learner
+
+
+def test_recorded_settings(lite0_file, tmp_path):
+    meta = read_model_meta(lite0_file)
+    assert meta['input'] == dict(background=0.5, draft=None, window=[30000., 60000.], size=[28, 20], method='pad',
+                                 pad_mode='zeros', resamples=[2, 0], affine=None)
+    assert meta['arch'] == 'tf_efficientnet_lite0' and meta['arch_source'] == 'timm' and meta['init'] == 'exact'
+    assert meta['input_norm'] == [[0.5], [0.5]]
+
+
+def test_resnet_settings(resnet, tmp_path):
+    "Training-only augmentations are left out, aug_transforms' resample is kept; the user's Normalize and the head settings are kept"
+    meta = read_model_meta(resnet.export_safe(tmp_path/'r.safetensors'))
+    assert meta['input']['affine'] == dict(size=[24, 24], mode='bilinear', pad_mode='reflection', align_corners=True)
+    assert meta['arch'] == 'resnet18' and meta['arch_source'] == 'fastai' and meta['init'] == 'sum'
+    assert meta['model']['lin_ftrs'] == [64] and meta['model']['concat_pool'] is False
+    np.testing.assert_allclose(meta['input_norm'], gray_stats(), rtol=1e-6)
+
+
+# ---- the file: every validation error -----------------------------------------------------------------------------
+
+def _parts(fn):
+    raw = Path(fn).read_bytes()
+    n = struct.unpack('<Q', raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+def _write(dest, header, data):
+    text = json.dumps(header).encode()
+    dest.write_bytes(struct.pack('<Q', len(text)) + text + data)
+    return dest
+
+def _edited(fn, dest, change=None, drop=()):
+    "A copy of model file `fn` at `dest`, its metadata fields updated by `change` (field: JSON text) and `drop` removed"
+    header, data = _parts(fn)
+    meta = header['__metadata__']
+    meta.update(change or {})
+    for k in drop: del meta[k]
+    return _write(dest, header, data)
+
+def _sub(fn, field, **kw):
+    "The JSON text of the dict field `field` of `fn` with `kw` changed"
+    return json.dumps({**json.loads(_parts(fn)[0]['__metadata__'][field]), **kw})
+
+
+@pytest.mark.parametrize('change, drop, message', [
+    ({'arch': '"resnet_9000"'}, (), "unknown fastai arch 'resnet_9000'"),
+    ({'arch': '"resnet_9000"', 'arch_source': '"timm"'}, (), "unknown timm model 'resnet_9000'"),
+    ({'arch': '"os.path.join"'}, (), "field 'arch' must be a model name"),
+    ({'arch': '"fastai_gray.cli:main"'}, (), "field 'arch' must be a model name"),
+    ({'arch': '"../evil"'}, (), "field 'arch' must be a model name"),
+    ({'arch': '["resnet18"]'}, (), "field 'arch' must be a model name"),
+    ({'arch': '"tf_efficientnet_lite0"'}, (), "unknown fastai arch 'tf_efficientnet_lite0'"),
+    ({'arch': '"resnet18.a1_in1k"'}, (), "unknown fastai arch 'resnet18.a1_in1k'"),
+    ({'arch_source': '"timm"'}, (), "of the rebuilt model is missing from the file"),  # timm's resnet18 names its tensors otherwise
+    ({'arch_source': '"torchvision.models"'}, (), "field 'arch_source' must be"),
+    ({'n_out': '"3"'}, (), "field 'n_out' must be an int in 1..1048576; got '3'"),
+    ({'n_out': 'true'}, (), "field 'n_out' must be an int in 1.."),
+    ({'n_out': 'three'}, (), "field 'n_out' is not a JSON value"),
+    ({'n_out': '100000000000'}, (), "field 'n_out' must be an int in 1.."),  # no huge model is built
+    ({'vocab': '[' * 100000 + ']' * 100000}, (), "field 'vocab' is not a JSON value"),
+    ({'normalize': '1'}, (), "field 'normalize' must be true or false"),
+    ({'init': '"avg"'}, (), "field 'init' must be"),
+    ({'stats': '"imagenet"'}, (), "field 'stats' must be null or [[3 means]"),
+    ({'input_stats': '[[0.5], [0]]'}, (), "field 'input_stats' must be"),
+    ({'vocab': '["a", "b"]'}, (), "2 labels for n_out=3"),
+    ({'vocab': '["a", "a", "b"]'}, (), "field 'vocab' must be a list of distinct"),
+    ({'colour': '"red"'}, (), "unknown field 'colour'"),
+    ({}, ('vocab',), "field 'vocab' is missing"),
+    ({'format_version': '2'}, (), "field 'format_version' must be 1"),
+    ({'format': '"pickle"'}, (), "field 'format' must be"),
+    ({'task': '"detect"'}, (), "field 'task' must be"),
+    ({'task': '"segment"'}, (), "field 'codes' is missing"),
+])
+def test_bad_metadata(small_file, tmp_path, change, drop, message):
+    bad = _edited(small_file, tmp_path/'bad.safetensors', change, drop)
+    with pytest.raises(ModelFileError, match=None) as e: load_learner_safe(bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize('field, kw, message', [
+    ('model', dict(extra=1), "unknown field 'model.extra'"),
+    ('model', dict(ps='0.5'), "field 'model.ps' must be a number or a list"),
+    ('model', dict(lin_ftrs=[7]), "has shape"),
+    ('model', dict(lin_ftrs=[10**9]), "field 'model.lin_ftrs'"),
+    ('model', dict(lin_ftrs=[8] * 1000), "field 'model.lin_ftrs'"),
+    ('input', dict(size='big'), "field 'input.size' must be null (no Resize) or [height, width]"),
+    ('input', dict(window=[0, -1]), "field 'input.window'"),
+    ('input', dict(method='stretch'), "field 'input.method'"),
+    ('input', dict(background=2), "field 'input.background' must be a number in [0, 1]"),
+    ('input', dict(resamples=[99, 0]), "field 'input.resamples'"),
+])
+def test_bad_nested_metadata(small_file, tmp_path, field, kw, message):
+    bad = _edited(small_file, tmp_path/'bad.safetensors', {field: _sub(small_file, field, **kw)})
+    with pytest.raises(ModelFileError) as e: load_learner_safe(bad)
+    assert message in str(e.value)
+
+
+def _with_tensors(fn, dest, change):
+    "A copy of model file `fn` with its tensors changed by `change(state)`, same metadata"
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(fn))
+    change(state)
+    save_file(state, str(dest), metadata=_parts(fn)[0]['__metadata__'])
+    return dest
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda s: s.pop('1.8.weight'), "tensor '1.8.weight' (3, 512) of the rebuilt model is missing"),
+    (lambda s: s.update({'1.8.weight': torch.zeros(4, 512)}), "tensor '1.8.weight' has shape (4, 512); the rebuilt model's is (3, 512)"),
+    (lambda s: s.update({'1.8.weight': s['1.8.weight'].double()}), "tensor '1.8.weight' is torch.float64"),
+    (lambda s: s.update({'evil': torch.zeros(1)}), "tensor 'evil' is not in the rebuilt model"),
+])
+def test_bad_tensors(small_file, tmp_path, change, message):
+    with pytest.raises(ModelFileError) as e: load_learner_safe(_with_tensors(small_file, tmp_path/'bad.safetensors', change))
+    assert message in str(e.value)
+
+
+def test_bad_tensor_entry(small_file, tmp_path):
+    header, data = _parts(small_file)
+    header['1.8.weight']['dtype'] = 'X99'
+    with pytest.raises(ModelFileError, match="tensor '1.8.weight' has an entry safetensors does not describe"):
+        load_learner_safe(_write(tmp_path/'bad.safetensors', header, data))
+
+
+def test_not_a_model_file(small_file, tmp_path):
+    for name, data in [('empty.safetensors', b''), ('text.safetensors', b'hello world, not a model'),
+                       ('json.safetensors', struct.pack('<Q', 2) + b'[]'), ('huge.safetensors', struct.pack('<Q', 2**60) + b'{}'),
+                       ('pickle.safetensors', pickle.dumps({'a': 1}))]:
+        (tmp_path/name).write_bytes(data)
+        assert not is_safetensors(tmp_path/name)
+        with pytest.raises(ModelFileError, match='is not a safetensors file'): load_learner_safe(tmp_path/name)
+    from safetensors.torch import save_file
+    save_file({'w': torch.zeros(2)}, str(tmp_path/'plain.safetensors'))
+    with pytest.raises(ModelFileError, match='without fastai_gray metadata'): load_learner_safe(tmp_path/'plain.safetensors')
+    raw = small_file.read_bytes()
+    (tmp_path/'cut.safetensors').write_bytes(raw[:len(raw) // 2])  # header intact, data cut short
+    with pytest.raises(ModelFileError, match='damaged'): load_learner_safe(tmp_path/'cut.safetensors')
+
+
+# ---- pickles ------------------------------------------------------------------------------------------------------
+
+class _Evil:
+    "A pickle that creates a marker file when loaded"
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('name', ['evil.pkl', 'evil.pth', 'evil.safetensors', 'evil'])
+def test_crafted_pickle_refused(tmp_path, name):
+    marker = tmp_path/'marker'
+    (tmp_path/name).write_bytes(pickle.dumps(_Evil(marker)))
+    torch.save({'x': _Evil(marker)}, tmp_path/f'zip-{name}')  # torch.save's zip format
+    for fn in (tmp_path/name, tmp_path/f'zip-{name}'):
+        with pytest.raises(PickleRefusedError) as e: load_model_file(fn)
+        assert '--trust-pickle' in str(e.value) and 'runs whatever code' in str(e.value) and str(fn) in str(e.value)
+    assert not marker.exists()
+
+
+def test_trust_pickle(lite0, folder, tmp_path):
+    lite0.export(tmp_path/'learner.pkl')
+    with pytest.raises(PickleRefusedError): load_model_file(tmp_path/'learner.pkl')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        learn = load_model_file(tmp_path/'learner.pkl', trust_pickle=True)
+    assert any('insecure pickle' in str(o.message) for o in w)
+    files = get_image_files(folder)[:4]
+    torch.testing.assert_close(_preds(learn, files), _preds(lite0, files), rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match='does not exist'): load_model_file(tmp_path/'none.safetensors')
+
+
+# ---- what export_safe refuses to write ----------------------------------------------------------------------------
+
+def test_export_errors(folder, tmp_path):
+    dls = _dls(folder)
+    with pytest.raises(ValueError, match='made by gray_learner'):
+        vision_learner(dls, resnet18, pretrained=False, n_in=1).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='custom callable'):
+        gray_learner(dls, lambda pretrained=False, **kw: resnet18(), pretrained=False).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='differs from this learner'):
+        gray_learner(dls, resnet18, pretrained=False, custom_head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 3))
+                     ).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='RandomResizedCrop'):
+        gray_learner(_dls(folder, item_tfms=RandomResizedCrop(24)), resnet18, pretrained=False).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='RandomResizedCropGPU'):
+        gray_learner(_dls(folder, batch_tfms=RandomResizedCropGPU(20)), resnet18, pretrained=False).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='gray block'):  # RGB DataLoaders with GrayCallback: read through PILImage.create
+        gray_learner(_dls(folder, block=ImageBlock), resnet18, pretrained=False).export_safe(tmp_path/'x.safetensors')
+    learn = gray_learner(dls, resnet18, pretrained=False)
+    learn.loss_func = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match='softmax'): learn.export_safe(tmp_path/'x.safetensors')
+    assert not (tmp_path/'x.safetensors').exists()
+
+
+# ---- ONNX ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_onnx(lite0, lite0_file, folder, tmp_path):
+    "The real Lite0: ONNX Runtime equals PyTorch to 1e-4 at the training size and an odd non-square one, batches of 1 and 3"
+    import onnx, onnxruntime as ort
+    safe = load_learner_safe(lite0_file)
+    fn = export_onnx(safe, tmp_path/'lite0.onnx')
+    onnx.checker.check_model(str(fn))
+    sess = ort.InferenceSession(str(fn), providers=['CPUExecutionProvider'])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta['vocab']) == ['a', 'b', 'c'] and json.loads(meta['input_norm']) == [[0.5], [0.5]]
+    net = NormalizedGray(lite0.model.eval(), [[0.5], [0.5]])
+    with torch.no_grad():
+        for shape in [(1, 1, 28, 20), (3, 1, 28, 20), (1, 1, 37, 23), (3, 1, 37, 23)]:
+            x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+            y, yo = net(x), torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
+            assert yo.shape == (shape[0], 3)
+            assert ((yo - y).abs().max() / y.abs().max()).item() < 1e-4, shape
+    # the whole pipeline: the learner's batch before normalization, through ONNX, softmaxed, is what get_preds gives
+    files = get_image_files(folder)[:5]
+    dl = safe.dls.test_dl(files, num_workers=0)
+    x = dl.one_batch()[0] * 0.5 + 0.5
+    probs = torch.from_numpy(sess.run(None, {'image': x.numpy()})[0]).softmax(1)
+    torch.testing.assert_close(probs, _preds(safe, files), rtol=0, atol=1e-5)
+
+
+def test_onnx_extra_missing(lite0, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'onnx', None)
+    with pytest.raises(ModuleNotFoundError, match=r'fastai_gray\[onnx\]'): export_onnx(lite0, tmp_path/'x.onnx')
+    assert not (tmp_path/'x.onnx').exists()
