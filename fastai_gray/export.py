@@ -22,7 +22,8 @@ from fastai.vision.learner import create_vision_model, create_timm_model, model_
 from PIL import Image
 from . import __version__
 from .core import check_stats
-from .data import PILImageGray, TensorImageGray, _GrayOpener, _check_settings
+from .data import PILImageGray, TensorImageGray, _GrayOpener, _gray_settings
+from .dicom import WINDOWS
 from .stem import update_first_layer
 from .learner import _NO_STATS, _normalize_of, _stats_of
 
@@ -78,7 +79,9 @@ _AFFINE_FIELDS = dict(  # a batch `AffineCoordTfm` (aug_transforms): at inferenc
 _INPUT_FIELDS = dict(  # how an image becomes the model's input: the gray block's reading, the item Resize
     background=(lambda v: _is_num(v) and 0 <= v <= 1, 'a number in [0, 1]'),
     draft=(_or_none(lambda v: _count(v) or _pair(_count)(v)), f'null, an int in 1..{_BIG} or [width, height]'),
-    window=(lambda v: v is None or v == 'minmax' or (_pair(_is_num)(v) and v[1] > 0), 'null, "minmax" or [center, width > 0]'),
+    window=(lambda v: v is None or v in ('minmax', 'dicom', *WINDOWS) or (_pair(_is_num)(v) and v[1] > 0),
+            'null, "minmax", "dicom", a CT preset name or [center, width > 0]'),
+    frame=(_or_none(lambda v: _is_int(v) and 0 <= v <= _BIG), f'null or an int in 0..{_BIG}'),
     size=(_or_none(_pair(_count)), f'null (no Resize) or [height, width] in 1..{_BIG}'),
     method=(_one_of('crop', 'pad', 'squish'), '"crop", "pad" or "squish"'),
     pad_mode=(_one_of('zeros', 'border', 'reflection'), '"zeros", "border" or "reflection"'),
@@ -168,14 +171,14 @@ def _rebuild_model(meta:dict) -> nn.Module:
 def _name(t): return getattr(t, 'name', None) or type(t).__name__
 
 def _reading(dls) -> dict:
-    "`background`, `draft`, `window` of the gray block that opens `dls`'s images, or a `ValueError` naming the transform"
+    "The settings (`background`, `draft`, `window`, `frame`) of the gray block that opens `dls`'s images, or a `ValueError` naming the transform"
     ds = dls.valid_ds if len(dls.valid_ds) or not len(dls.train_ds) else dls.train_ds
     if getattr(dls, 'n_inp', 1) != 1 or not hasattr(ds, 'tls'):
         raise ValueError("export_safe needs DataLoaders with one image input and one target, made by a DataBlock or Datasets")
     fs = ds.tls[0].tfms.fs
     opener = fs[-1] if len(fs) else None
-    if isinstance(opener, _GrayOpener): return dict(background=opener.background, draft=opener.draft, window=opener.window)
-    if getattr(opener, 'name', None) == 'PILImageGray.create': return dict(background=0., draft=None, window=None)  # as a Pipeline wraps it
+    if isinstance(opener, _GrayOpener): return dict(opener.__stored_args__)
+    if getattr(opener, 'name', None) == 'PILImageGray.create': return _gray_settings()  # the defaults; as a Pipeline wraps it
     raise ValueError(f"export_safe records how images are read only for a gray block (GrayImageBlock, to_gray); these DataLoaders "
                      f"open their images with {_name(opener) if opener is not None else 'nothing'}, which a model file cannot describe")
 
@@ -348,8 +351,7 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
     "DataLoaders with no items that read, resize and normalize images as `meta` records: for `predict` and `test_dl`"
     i = meta['input']
     draft, window = (tuple(v) if isinstance(v, list) else v for v in (i['draft'], i['window']))
-    _check_settings(i['background'], draft, window)
-    opener = _GrayOpener(i['background'], draft, window)  # reads whatever `gray_image` reads: path, bytes, PIL image, array, tensor
+    opener = _GrayOpener(**_gray_settings(background=i['background'], draft=draft, window=window, frame=i['frame']))  # reads whatever `gray_image` reads: path, bytes, PIL image, array, tensor
     dsets = Datasets([], [[opener], [Categorize(vocab=meta['vocab'], sort=False)]], splits=([], []), do_setup=False)
     dsets.tls[0].types, dsets.tls[1].types = [opener.input_types, PILImageGray], [object, TensorCategory]  # what setup finds from items
     after_item = [Resize(tuple(i['size']), i['method'], i['pad_mode'], tuple(i['resamples']))] if i['size'] else []
