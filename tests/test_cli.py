@@ -62,7 +62,7 @@ def _lines(s): return [l for l in s.replace('\r', '\n').splitlines() if l.strip(
 
 @pytest.mark.slow
 def test_train_export_predict(data, capsys, tmp_path):
-    model = tmp_path/'gray.pkl'
+    model = tmp_path/'gray.safetensors'
     status, out, err = run(capsys, 'train', data/'flat', *TINY, '--out', model)
     assert status == 0, err
     epochs = [l for l in _lines(out) if ' epoch ' in l]     # not a terminal: one line per epoch, no progress bars
@@ -94,15 +94,26 @@ def test_train_csv_and_fastai_arch(data, capsys, tmp_path):
                            '--init', 'sum', '--freeze-epochs', '1', '--out', tmp_path/'m.pkl')
     assert status == 0, err
     assert '18 training and 6 validation images, 3 classes' in out
-    assert out.count('train_loss') == 2                    # a table for the head alone, one for the whole model
-    assert (tmp_path/'m.pkl').is_file()
+    assert out.count('train_loss') == 2                    # a line for the head alone, one for the whole model
+    assert (tmp_path/'m.pkl').is_file() and 'a pickle: load it only with --trust-pickle' in out
+    image = data/'flat'/'a'/'a1.png'
+    status, out, err = run(capsys, 'predict', tmp_path/'m.pkl', image)   # a pickle is refused ...
+    assert status == 1 and out == '' and 'is not a safetensors model file; it was not loaded' in err and '--trust-pickle' in err
+    with pytest.warns(UserWarning, match='insecure pickle'):                # ... unless trusted, with fastai's warning
+        status, out, err = run(capsys, 'predict', tmp_path/'m.pkl', image, '--trust-pickle')
+    assert status == 0 and out.startswith(str(image))
 
 
 @pytest.mark.slow
-def test_train_valid_layout(data, capsys, tmp_path):
-    status, out, err = run(capsys, 'train', data/'split', *TINY, '--out', tmp_path/'m.pkl')
+def test_train_valid_layout(data, capsys, tmp_path, monkeypatch):
+    "train/ and valid/ folders; the model goes to model.safetensors in the current folder by default"
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, 'train', data/'split', *TINY)
     assert status == 0, err
     assert '18 training and 6 validation images, 3 classes' in out   # the folders' split, not 20%
+    assert f"exported the learner to {tmp_path/'model.safetensors'}" in out and (tmp_path/'model.safetensors').is_file()
+    status, out, err = run(capsys, 'predict', 'model.safetensors', data/'split'/'valid'/'b'/'b1.png')
+    assert status == 0 and out.split('\t')[1] in ('a', 'b', 'c')
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -122,8 +133,11 @@ def test_train_valid_layout(data, capsys, tmp_path):
     (['train', '{root}/flat', '--window', '2048'], '--window takes CENTER WIDTH (numbers, WIDTH > 0), minmax, dicom'),
     (['train', '{root}/flat', '--window', '100', '0'], '--window takes CENTER WIDTH'),
     (['train', '{root}/flat', '--window', 'max'], '--window takes CENTER WIDTH'),
-    (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'not a learner exported'),
-    (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'not a learner exported'),
+    (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'is not a safetensors model file; it was not loaded'),
+    (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'is not a safetensors model file; it was not loaded'),
+    (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png', '--trust-pickle'], 'is not a learner exported by `learn.export`'),
+    (['export', '{root}/state.pth', '--onnx', '{root}/m.onnx'], 'is not a safetensors model file; it was not loaded'),
+    (['export', '{root}/none.safetensors'], 'the following arguments are required: --onnx'),
     (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png'], 'does not exist'),
     (['predict', '{root}/none.pkl'], 'the following arguments are required: IMAGE'),
     (['predict', '{root}/none.pkl', '{root}/flat/a/a0.png', '--bs', '0'], 'argument --bs: must be a positive integer, got 0'),
@@ -156,18 +170,56 @@ def test_bad_files_are_listed(data, capsys):
 @pytest.mark.slow
 def test_skip_bad_and_window(data, capsys, tmp_path):
     "--skip-bad trains on the readable files; --window goes into the exported learner's pipeline"
-    model = tmp_path/'m.pkl'
+    model = tmp_path/'m.safetensors'
     status, out, err = run(capsys, 'train', data/'broken', *TINY, '--bs', '3', '--skip-bad', '--window', 'minmax', '--out', model)
     assert status == 0, err
     assert "fastai-gray: warning: skipping: cannot read image '" in err and 'bad.png' in err
     assert 'fastai-gray: warning: 1 of 10 image files cannot be read; left out (skip_bad)' in err
     assert '6 training and 3 validation images, 3 classes' in out and 'window minmax' in out
-    from fastai.learner import load_learner
+    from fastai_gray.export import load_learner_safe
     dark = data/'broken'/'a'/'a0.png'                      # values 0..59 of 255
-    image, = load_learner(model, cpu=True).dls.test_dl([dark]).dataset[0]
+    image, = load_learner_safe(model).dls.test_dl([dark]).dataset[0]
     assert np.asarray(image).min() == 0 and np.asarray(image).max() == 255   # spread over the whole range
     status, out, err = run(capsys, 'predict', model, data/'broken'/'a'/'a0.png')
     assert status == 0 and out.startswith(str(data/'broken'/'a'/'a0.png'))
+
+
+class _Evil:
+    "A pickle that would leave a marker file behind if it ran"
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize('name', ['evil.pkl', 'evil.safetensors', 'evil'])
+def test_hostile_pickle_runs_nothing(data, capsys, tmp_path, name):
+    "A crafted pickle, whatever its name, is refused by predict and export, and its code never runs"
+    import pickle
+    marker = tmp_path/'pwned'
+    (tmp_path/name).write_bytes(pickle.dumps(_Evil(marker)))
+    for argv in (['predict', tmp_path/name, data/'flat'/'a'/'a0.png'], ['export', tmp_path/name, '--onnx', tmp_path/'m.onnx']):
+        status, out, err = run(capsys, *argv)
+        assert status == 1 and 'is not a safetensors model file; it was not loaded' in err and '--trust-pickle' in err
+        assert not marker.exists() and not (tmp_path/'m.onnx').exists()
+
+
+@pytest.mark.slow
+def test_export_onnx(data, capsys, tmp_path):
+    "fastai-gray export --onnx: ONNX Runtime on a gray image in 0..1 gives the class predict prints"
+    ort = pytest.importorskip('onnxruntime')
+    model, onnx_file = tmp_path/'m.safetensors', tmp_path/'m.onnx'
+    assert run(capsys, 'train', data/'flat', *TINY, '--out', model)[0] == 0
+    status, out, err = run(capsys, 'export', model, '--onnx', onnx_file)
+    assert status == 0 and onnx_file.is_file() and str(onnx_file) in out, err
+    image = data/'flat'/'c'/'c3.png'                       # mode 'RGB' (see _write_classes), read as its luma
+    status, out, err = run(capsys, 'predict', model, image)
+    label = out.split('\t')[1]
+    sess = ort.InferenceSession(str(onnx_file), providers=['CPUExecutionProvider'])
+    x = np.asarray(Image.open(image).convert('L').resize((32, 32), Image.BILINEAR), np.float32)[None, None] / 255
+    vocab = sess.get_modelmeta().custom_metadata_map
+    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert logits.shape == (1, 3)
+    import json
+    assert json.loads(vocab['vocab'])[int(logits.argmax())] == label
 
 
 def test_only_weight_failures_blame_the_weights(data, capsys, monkeypatch):
@@ -241,7 +293,7 @@ def test_dicom_folder(tmp_path, capsys):
     assert status == 1 and 'epoch' not in out
     bad = [l for l in err.splitlines() if l.startswith('fastai-gray: bad image: ')]
     assert len(bad) == 2 and 'cut.dcm' in bad[0] and 'notes.dcm' in bad[1], err
-    model = tmp_path/'m.pkl'
+    model = tmp_path/'m.safetensors'
     status, out, err = run(capsys, 'train', tmp_path/'data', *TINY, '--skip-bad', '--out', model)
     assert status == 0, err
     assert '11 training and 2 validation images, 2 classes' in out
