@@ -268,3 +268,14 @@ def test_enhanced_multiframe_functional_groups():
         expected = np.clip(((v - (center - 0.5)) / (width - 1) + 0.5), 0, 1)  # DICOM's linear window
         np.testing.assert_allclose(dicom_gray(ds, frame=frame), expected, atol=1e-6)
     assert 'RescaleSlope' not in ds and 'WindowCenter' not in ds  # the file is not changed
+
+def test_every_bundled_file_reads_or_says_why():
+    "Each of pydicom's ~170 test files is read, or is one (file, reason) of verify_gray_images: no other exception escapes"
+    root = Path(get_testdata_file('CT_small.dcm')).parent
+    files = sorted(p for p in root.rglob('*') if p.is_file() and is_dicom(p))
+    assert len(files) > 150
+    problems = dict(verify_gray_images(files, n_workers=0))
+    assert 70 < len(problems) < len(files) - 70, len(problems)
+    for f, reason in problems.items(): assert str(f) in reason
+    read = [f for f in files if f not in problems]
+    assert {f.name for f in read} >= {'CT_small.dcm', 'MR_small_RLE.dcm', 'JPEG2000.dcm', 'SC_rgb_jpeg.dcm', '6154'}
