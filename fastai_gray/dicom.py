@@ -87,14 +87,16 @@ def _check_frame(frame):
     raise ValueError(f"frame is the index of a frame of a multi-frame file, an int >= 0 (or None), got {frame!r}")
 
 def _has_pixels(ds, name:str):
-    "A `ValueError` naming the file when `ds` has no pixel data; an `OSError` when it looks cut short (an image's size, or no SOP class)"
+    "A `ValueError` naming the file when `ds` has no pixel data; an `OSError` when it looks cut short (an image without pixels, no SOP class)"
     if any(t in ds for t in _PIXEL_TAGS): return
     if 'Rows' in ds and 'Columns' in ds:
         raise OSError(f"cannot read DICOM file {name}: it describes a {ds.Rows}x{ds.Columns} image but has no pixel data (cut short?)")
-    if 'SOPClassUID' not in ds:  # every DICOM object has one, after a few header elements
+    sop = ds.get('SOPClassUID') or getattr(ds, 'file_meta', {}).get('MediaStorageSOPClassUID')
+    if sop is None:  # every DICOM object names its class, in its first elements or in its file meta
         raise OSError(f"cannot read DICOM file {name}: it has no pixel data and not even a SOP Class UID (cut short or corrupt?)")
-    sop = getattr(ds.get('SOPClassUID'), 'name', None) or 'unknown SOP class'
-    raise ValueError(f"DICOM file {name} has no pixel data: it is a {sop} (Modality {ds.get('Modality', 'not given')}), not an image")
+    sop = str(getattr(sop, 'name', sop))
+    if 'Image Storage' in sop: raise OSError(f"cannot read DICOM file {name}: it is a {sop} but has no pixel data (cut short?)")
+    raise ValueError(f"DICOM file {name} has no pixel data: it is a {sop} (Modality {ds.get('Modality', 'not given')})")
 
 def _decoded(ds, frame:int|None, name:str) -> np.ndarray:
     "The stored values of one frame of `ds` (RGB for color), decoded; named errors for a missing or bad frame and undecodable data"

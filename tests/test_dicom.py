@@ -168,6 +168,11 @@ def test_named_errors(tmp_path):
     (tmp_path/'header_cut.dcm').write_bytes(mr[:140])
     (tmp_path/'pixels_cut.dcm').write_bytes(mr[:5000])
     (tmp_path/'tags_cut.dcm').write_bytes(mr[:400])
+    bare = pydicom.Dataset()  # a transfer syntax, a patient, and nothing that says what the object is
+    bare.file_meta = pydicom.dataset.FileMetaDataset()
+    bare.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    bare.preamble, bare.PatientID = bytes(128), 'P1'
+    bare.save_as(tmp_path/'meta_only.dcm', enforce_file_format=False)
     (tmp_path/'no_pixels.dcm').write_bytes(mr[:mr.rindex(b'\xe0\x7f\x10\x00')])  # up to the Pixel Data element (7fe0,0010)
     cases = {
         tmp_path/'text.dcm': (OSError, 'it is not a DICOM file'),
@@ -176,9 +181,11 @@ def test_named_errors(tmp_path):
         tmp_path/'header_cut.dcm': (OSError, 'no Transfer Syntax UID'),
         tmp_path/'pixels_cut.dcm': (OSError, 'pixel data is cut short or corrupt'),
         tmp_path/'no_pixels.dcm': (OSError, 'describes a 64x64 image but has no pixel data'),
-        tmp_path/'tags_cut.dcm': (OSError, 'has no pixel data and not even a SOP Class UID'),
+        tmp_path/'tags_cut.dcm': (OSError, 'it is a MR Image Storage but has no pixel data (cut short?)'),
+        tmp_path/'meta_only.dcm': (OSError, 'has no pixel data and not even a SOP Class UID'),
         get_testdata_file('MR_truncated.dcm'): (OSError, 'pixel data is cut short or corrupt'),
-        get_testdata_file('rtplan.dcm'): (ValueError, 'has no pixel data: it is a RT Plan Storage (Modality RTPLAN), not an image'),
+        get_testdata_file('rtplan.dcm'): (ValueError, 'has no pixel data: it is a RT Plan Storage (Modality RTPLAN)'),
+        get_testdata_file('DICOMDIR'): (ValueError, 'has no pixel data: it is a Media Storage Directory Storage'),
         get_testdata_file('test-SR.dcm'): (ValueError, 'has no pixel data: it is a Comprehensive SR Storage'),
         get_testdata_file('JPEG-lossy.dcm'): (OSError, 'transfer syntax JPEG Extended (Process 2 and 4) (1.2.840.10008.1.2.4.51) '
                                                        'could not be decoded here; the decoders for JPEG, JPEG-LS, JPEG 2000 and RLE come with pip install "fastai_gray[dicom]"'),
@@ -261,3 +268,14 @@ def test_enhanced_multiframe_functional_groups():
         expected = np.clip(((v - (center - 0.5)) / (width - 1) + 0.5), 0, 1)  # DICOM's linear window
         np.testing.assert_allclose(dicom_gray(ds, frame=frame), expected, atol=1e-6)
     assert 'RescaleSlope' not in ds and 'WindowCenter' not in ds  # the file is not changed
+
+def test_every_bundled_file_reads_or_says_why():
+    "Each of pydicom's ~170 test files is read, or is one (file, reason) of verify_gray_images: no other exception escapes"
+    root = Path(get_testdata_file('CT_small.dcm')).parent
+    files = sorted(p for p in root.rglob('*') if p.is_file() and is_dicom(p))
+    assert len(files) > 150
+    problems = dict(verify_gray_images(files, n_workers=0))
+    assert 70 < len(problems) < len(files) - 70, len(problems)
+    for f, reason in problems.items(): assert str(f) in reason
+    read = [f for f in files if f not in problems]
+    assert {f.name for f in read} >= {'CT_small.dcm', 'MR_small_RLE.dcm', 'JPEG2000.dcm', 'SC_rgb_jpeg.dcm', '6154'}
