@@ -25,7 +25,7 @@ from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.transforms import IntToFloatTensor
 from fastai.vision.core import PILBase, PILImageBW, PILMask
 from .core import luma
-from .dicom import is_dicom, dicom_gray, unit_range, _check_window, _check_frame, _source_name
+from .dicom import _no_warnings, is_dicom, dicom_gray, unit_range, _check_window, _check_frame, _source_name
 
 # %% ../nbs/01_data.ipynb #8749271b
 def _check_background(background:float):
@@ -320,5 +320,5 @@ def verify_gray_images(fns, # image files (names or `Path`s), DICOM included
     "`(file, reason)` for each of the files `fns` that `gray_image` cannot read or convert with these settings, in the order given"
     settings = _gray_settings(**kwargs)  # a bad setting is one error, not one per file
     fns = L(fns)
-    reasons = parallel(verify_gray_image, fns, n_workers=n_workers, threadpool=True, progress=progress, **settings)
+    with _no_warnings(): reasons = parallel(verify_gray_image, fns, n_workers=n_workers, threadpool=True, progress=progress, **settings)
     return L((f, r) for f, r in zip(fns, reasons) if r is not None)

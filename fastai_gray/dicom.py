@@ -6,7 +6,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/dicom.html.md"""
 
 # %% ../nbs/00b_dicom.ipynb #300e9bb8
 from __future__ import annotations
-import io, numbers, sys, warnings
+import contextlib, io, numbers, sys, threading, warnings
 from pathlib import Path
 import numpy as np
 from fastcore.basics import defaults
@@ -28,6 +28,19 @@ def _pydicom():
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"reading DICOM files needs pydicom and its decoders: {DICOM_EXTRA}", name=e.name) from e
     return pydicom
+
+@contextlib.contextmanager
+def _no_warnings():
+    "Ignore warnings (pydicom's notes on header quirks it reads through) in the block, on the main thread only"
+    # warnings' filters belong to the process, and `catch_warnings` is not thread-safe: threads that save and restore them
+    # out of order leave them changed (every warning ignored from then on). So threads leave them alone, and the functions
+    # that read DICOM files in threads (`dicom_headers`, `data.verify_gray_images`) quiet the whole pool from the main thread.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        yield
 
 # %% ../nbs/00b_dicom.ipynb #05d0c74b
 DICOM_SUFFIXES = ('.dcm', '.dicom')
@@ -61,8 +74,7 @@ def read_dicom(src, stop_before_pixels:bool=False):
     if _is_dataset(src): return src
     name = _source_name(src)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # pydicom warns of header quirks it reads through
+        with _no_warnings():
             ds = pydicom.dcmread(io.BytesIO(src) if isinstance(src, bytes) else src, stop_before_pixels=stop_before_pixels)
     except pydicom.errors.InvalidDicomError:
         raise OSError(f"cannot read DICOM file {name}: it is not a DICOM file (no 'DICM' mark after the 128-byte preamble)") from None
@@ -109,8 +121,7 @@ def _decoded(ds, frame:int|None, name:str) -> np.ndarray:
         raise ValueError(f"DICOM file {name} has {n} frame{'s' if n > 1 else ''}, so frame={frame} is out of range (0 to {n - 1})")
     ts = ds.file_meta.TransferSyntaxUID
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with _no_warnings():
             return pydicom.pixels.pixel_array(ds, index=frame if n > 1 else None)
     except (RuntimeError, NotImplementedError) as e:  # no decoder (plugin missing, or none for this syntax), or every decoder failed
         raise OSError(f"cannot decode DICOM file {name}: its transfer syntax {ts.name} ({ts}) could not be decoded here; "
@@ -221,8 +232,7 @@ def _file_voi(ds, values:np.ndarray, name:str) -> np.ndarray:
     "`values` (modality units) through the first VOI LUT or window of `ds`, by pydicom's `apply_voi_lut`, as 0..1"
     px = _pydicom().pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # a VOI LUT indexed by rescaled (float) values: pydicom warns, and truncates them
+        with _no_warnings():  # a VOI LUT indexed by rescaled (float) values: pydicom warns, and truncates them
             out = px.apply_voi_lut(values, ds, index=0)
     except (ValueError, NotImplementedError, IndexError, TypeError, KeyError) as e:
         raise ValueError(f"DICOM file {name}: its VOI LUT or window cannot be applied: {e}") from e
@@ -284,5 +294,5 @@ def dicom_headers(files, tags=DICOM_TAGS, n_workers:int=defaults.cpus):
     _pydicom()
     import pandas as pd
     files, tags = L(files), list(tags)
-    rows = parallel(_header_row, files, n_workers=n_workers, threadpool=True, tags=tags)
+    with _no_warnings(): rows = parallel(_header_row, files, n_workers=n_workers, threadpool=True, tags=tags)
     return pd.DataFrame(list(rows), columns=['path', *tags, 'error'])

@@ -279,3 +279,17 @@ def test_every_bundled_file_reads_or_says_why():
     for f, reason in problems.items(): assert str(f) in reason
     read = [f for f in files if f not in problems]
     assert {f.name for f in read} >= {'CT_small.dcm', 'MR_small_RLE.dcm', 'JPEG2000.dcm', 'SC_rgb_jpeg.dcm', '6154'}
+
+
+def test_threads_leave_warning_filters_alone(tmp_path):
+    "Reading DICOM files in threads (verify_gray_images, dicom_headers) leaves the process's warning filters as they were"
+    src = Path(get_testdata_file('CT_small.dcm')).read_bytes()
+    files = []
+    for i in range(24):
+        files.append(tmp_path/f'{i}.dcm'); files[-1].write_bytes(src)
+    before = list(warnings.filters)
+    for _ in range(3):
+        assert not verify_gray_images(files, n_workers=4)
+        assert len(dicom_headers(files, n_workers=4)) == 24
+    assert warnings.filters == before
+    with pytest.warns(UserWarning, match='still shown'): warnings.warn('still shown')
