@@ -10,9 +10,11 @@ __all__ = []
 # %% ../nbs/99_all.ipynb #beaca948
 from .core import *
 from .data import *
+from .masks import *
 from .stem import *
 from .weights import *
 from .learner import *
+from .unet import *
 from .distributed import *
-from . import core, data, stem, weights, learner, distributed
-__all__ = [name for module in (core, data, stem, weights, learner, distributed) for name in module.__all__]
+from . import core, data, masks, stem, weights, learner, unet, distributed
+__all__ = [name for module in (core, data, masks, stem, weights, learner, unet, distributed) for name in module.__all__]

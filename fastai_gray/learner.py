@@ -114,6 +114,15 @@ def _split_or_default(split, model):
     groups = split(model)
     return groups if all(len(g) for g in groups) else default_split(model)
 
+def _gray_learner_of(dls, model, arch, cut, splitter, cbs, gray_cbs, pretrained, **learner_args):
+    "The `Learner` of a gray `model`: the arch's splitter (kept working under a `cut`), the gray callbacks, frozen if `pretrained`"
+    if splitter is None:
+        split = model_meta.get(arch, _default_meta)['split']
+        splitter = split if cut is None else partial(_split_or_default, split)
+    learn = Learner(dls=dls, model=model, splitter=splitter, cbs=L(cbs) + gray_cbs, **learner_args)
+    if pretrained: learn.freeze()
+    return learn
+
 def _timm_cut_model(arch, n_out, cut, pretrained, init, custom_head, **kwargs):
     "`create_timm_model` with its body cut by `cut`, as `create_vision_model` cuts: `(model, pretrained_cfg)`"
     import timm
@@ -183,17 +192,14 @@ def gray_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights
     if n_out is None: n_out = get_c(dls)
     if not n_out: raise ValueError("`n_out` is not defined, and could not be inferred from data, set `dls.c` or pass `n_out`")
     channels = _gray_channels(dls, 'gray_learner')
-    meta = model_meta.get(arch, _default_meta)
     if isinstance(arch, str): kwargs = timm_offline_kwargs(arch, pretrained, kwargs)
     head = dict(concat_pool=concat_pool, pool=pool, lin_ftrs=lin_ftrs, ps=ps, first_bn=first_bn, bn_final=bn_final,
                 lin_first=lin_first, y_range=y_range)
     model, arch_stats = _classifier(arch, n_out, pretrained, weights, cut, dict(init=head_init, custom_head=custom_head, **head, **kwargs))
     stats, input_stats, gray_cbs = _convert_input(model, dls, channels, arch_stats, stats, normalize, pretrained, init)
-    if splitter is None: splitter = meta['split'] if cut is None else partial(_split_or_default, meta['split'])
-    learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter,
-                    cbs=L(cbs) + gray_cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
-                    train_bn=train_bn, moms=moms)
-    if pretrained: learn.freeze()
+    learn = _gray_learner_of(dls, model, arch, cut, splitter, cbs, gray_cbs, pretrained, loss_func=loss_func, opt_func=opt_func,
+                             lr=lr, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
+                             train_bn=train_bn, moms=moms)
     store_attr('arch,normalize,n_out,pretrained,init', self=learn, **kwargs)
     model_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_STRUCTURE}
     learn.gray_config = _gray_config('classify', arch, n_out, init, normalize, pretrained, stats, input_stats, cut=cut,
