@@ -11,12 +11,14 @@ __all__ = []
 from .core import *
 from .dicom import *
 from .data import *
+from .masks import *
 from .datasets import *
 from .stem import *
 from .weights import *
 from .learner import *
+from .unet import *
 from .distributed import *
 from .export import *
 from .train import *
-from . import core, dicom, data, datasets, stem, weights, learner, distributed, export, train
-__all__ = [name for module in (core, dicom, data, datasets, stem, weights, learner, distributed, export, train) for name in module.__all__]
+from . import core, dicom, data, masks, datasets, stem, weights, learner, unet, distributed, export, train
+__all__ = [name for module in (core, dicom, data, masks, datasets, stem, weights, learner, unet, distributed, export, train) for name in module.__all__]

@@ -10,7 +10,7 @@ import numpy as np, torch
 from fastai.vision.core import imagenet_stats
 
 # %% auto #0
-__all__ = ['LUMA_WEIGHTS', 'luma', 'check_stats', 'gray_stats']
+__all__ = ['LUMA_WEIGHTS', 'luma', 'check_stats', 'gray_stats', 'rel_error']
 
 # %% ../nbs/00_core.ipynb #2aecaf43
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -51,3 +51,13 @@ def gray_stats(stats=imagenet_stats):
     "The 1-channel `([mean], [std])` that go with 3-channel `stats`, by the ITU-R 601 luma weights"
     mean, std = check_stats(stats)
     return [float(luma(np.array(mean), dim=0)[0])], [float(luma(np.array(std), dim=0)[0])]
+
+# %% ../nbs/00_core.ipynb #0d8900e7
+def rel_error(a, b, dim:int|None=None):
+    "`||a - b|| / ||b||` of `a` against the reference `b` (tensors or arrays of one shape) in float64: a float, or with `dim` a float64 tensor of one error per index along `dim`"
+    a, b = (torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).detach().double() for v in (a, b))
+    if a.shape != b.shape: raise ValueError(f"rel_error compares tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    tiny = torch.finfo(torch.float64).tiny
+    if dim is None: return ((a - b).norm() / b.norm().clamp_min(tiny)).item()
+    a, b = (v.movedim(dim, 0).reshape(v.shape[dim], -1) for v in (a, b))
+    return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(tiny)

@@ -6,6 +6,8 @@ Docs: https://fastai-gray.github.io/fastai_gray/learner.html.md"""
 
 # %% ../nbs/04_learner.ipynb #b0f117d8
 from __future__ import annotations
+import json
+from functools import partial
 import torch
 from torch import nn
 from fastcore.basics import ifnone, store_attr
@@ -16,13 +18,15 @@ from fastai.data.transforms import Normalize, get_c
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
-from fastai.vision.learner import create_vision_model, create_timm_model, model_meta, _default_meta, default_split
+from fastai.callback.hook import num_features_model
+from fastai.vision.learner import (create_vision_model, create_timm_model, model_meta, _default_meta, default_split,
+                                 cut_model, add_head)
 from .core import check_stats, gray_stats, luma
 from .stem import update_first_layer, rgb_state_dict, _check_init
 from .weights import timm_offline_kwargs
 
 # %% auto #0
-__all__ = ['input_channels', 'GrayCallback', 'gray_learner']
+__all__ = ['input_channels', 'GrayCallback', 'arch_name', 'arch_from_name', 'gray_learner']
 
 # %% ../nbs/04_learner.ipynb #c12b262c
 def input_channels(dls) -> int:
@@ -85,6 +89,96 @@ def _gray_input(dls, channels, stats, add_norm):
 # %% ../nbs/04_learner.ipynb #b2551677
 _NO_STATS = ((0., 0., 0.), (1., 1., 1.))
 
+def _check_gray_args(fname, init, kwargs):
+    "Raise before any work for an `n_in` other than 1 (popped from `kwargs`) or an unknown `init`"
+    if kwargs.pop('n_in', 1) != 1: raise ValueError(f"{fname} makes 1-channel models; leave n_in out")
+    _check_init(init, 1)
+
+def _gray_channels(dls, fname):
+    "Channel count of `dls`'s images: 1 or 3, else a `ValueError`"
+    channels = input_channels(dls)
+    if channels not in (1, 3):
+        raise ValueError(f"{fname} needs DataLoaders of 1-channel (gray) or 3-channel (RGB) images, got {channels} channels")
+    return channels
+
+def _convert_input(model, dls, channels, arch_stats, stats, normalize, pretrained, init):
+    "Convert `model`'s first layer (in place) for the gray input of `dls`; `(stats, input_stats, callbacks)`"
+    if stats is None and pretrained: stats = arch_stats
+    input_stats, gray_cbs = _gray_input(dls, channels, ifnone(stats, _NO_STATS), normalize and pretrained and stats is not None)
+    update_first_layer(model, 1, pretrained, init, ifnone(stats, _NO_STATS), input_stats)
+    return stats, input_stats, gray_cbs
+
+# %% ../nbs/04_learner.ipynb #3a1fd173
+def _split_or_default(split, model):
+    "`split(model)`, or fastai's body/head `default_split` where `split` leaves a parameter group empty (a body cut short)"
+    groups = split(model)
+    return groups if all(len(g) for g in groups) else default_split(model)
+
+def _gray_learner_of(dls, model, arch, cut, splitter, cbs, gray_cbs, pretrained, **learner_args):
+    "The `Learner` of a gray `model`: the arch's splitter (kept working under a `cut`), the gray callbacks, frozen if `pretrained`"
+    if splitter is None:
+        split = model_meta.get(arch, _default_meta)['split']
+        splitter = split if cut is None else partial(_split_or_default, split)
+    learn = Learner(dls=dls, model=model, splitter=splitter, cbs=L(cbs) + gray_cbs, **learner_args)
+    if pretrained: learn.freeze()
+    return learn
+
+def _timm_cut_model(arch, n_out, cut, pretrained, init, custom_head, **kwargs):
+    "`create_timm_model` with its body cut by `cut`, as `create_vision_model` cuts: `(model, pretrained_cfg)`"
+    import timm
+    head_args = {k: kwargs.pop(k) for k in ('concat_pool', 'pool', 'lin_ftrs', 'ps', 'first_bn', 'bn_final', 'lin_first', 'y_range')
+                 if k in kwargs}
+    model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    body = cut_model(model, cut)
+    nf = num_features_model(body) if custom_head is None else None
+    return add_head(body, nf, n_out, init=init, head=custom_head, **head_args), model.pretrained_cfg
+
+def _classifier(arch, n_out, pretrained, weights, cut, model_args):
+    "The 3-channel classification model `gray_learner` converts, and its arch's stats"
+    if isinstance(arch, str):
+        if cut is None: model, cfg = create_timm_model(arch, n_out, None, pretrained, **model_args)
+        else: model, cfg = _timm_cut_model(arch, n_out, cut, pretrained, **model_args)
+        return model, (cfg['mean'], cfg['std'])
+    model = create_vision_model(arch, n_out, pretrained=pretrained, weights=weights, cut=cut, **model_args)
+    return model, model_meta.get(arch, _default_meta).get('stats')
+
+# %% ../nbs/04_learner.ipynb #9a59802a
+def arch_name(arch) -> str|None:
+    "The name `arch` is known by: a timm name as given, the `__name__` of a fastai `model_meta` arch, else None"
+    if isinstance(arch, str): return arch
+    try: known = arch in model_meta
+    except TypeError: known = False
+    return getattr(arch, '__name__', None) if known else None
+
+def arch_from_name(name:str):
+    "The fastai `model_meta` arch called `name` (e.g. `'resnet18'`), else `name` itself, for timm"
+    if not isinstance(name, str) or not name: raise ValueError(f"an arch name is a non-empty str, got {name!r}")
+    return next((a for a in model_meta if getattr(a, '__name__', None) == name), name)
+
+def _plain(v):
+    "`v` with tuples as lists, for JSON"
+    if isinstance(v, (tuple, list, L)): return [_plain(o) for o in v]
+    if isinstance(v, dict): return {k: _plain(o) for k, o in v.items()}
+    return v
+
+def _is_json(v):
+    try: json.dumps(v, allow_nan=False); return True
+    except (TypeError, ValueError): return False
+
+def _stats_json(stats): return None if stats is None else [list(s) for s in check_stats(stats, len(stats[0]))]
+
+def _gray_config(task, arch, n_out, init, normalize, pretrained, stats, input_stats, **structure) -> dict:
+    "`learn.gray_config`: how the model was made, as JSON values; arguments that are none are recorded as None, `rebuildable` false"
+    cfg = dict(task=task, arch=arch_name(arch), n_out=int(n_out), init=init, normalize=bool(normalize), pretrained=bool(pretrained),
+               stats=_stats_json(stats), input_stats=_stats_json(input_stats))
+    bad = [k for k, v in structure.items() if not _is_json(_plain(v))]
+    cfg.update({k: None if k in bad else _plain(v) for k, v in structure.items()})
+    cfg['rebuildable'] = cfg['arch'] is not None and not bad
+    return cfg
+
+_NOT_STRUCTURE = ('pretrained_cfg_overlay', 'pretrained_cfg', 'cache_dir')  # timm kwargs that say where weights come from
+
+# %% ../nbs/04_learner.ipynb #75f51f36
 @delegates(create_vision_model, but=['init', 'n_in'])
 def gray_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, init='exact', stats=None,
         # learner args
@@ -94,34 +188,20 @@ def gray_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights
         cut=None, head_init=nn.init.kaiming_normal_, custom_head=None, concat_pool=True, pool=True,
         lin_ftrs=None, ps=0.5, first_bn=True, bn_final=False, lin_first=False, y_range=None, **kwargs):
     "Build a `Learner` for gray images from `dls` and a pretrained 3-channel `arch`, converting its first layer by `init`"
-    if kwargs.pop('n_in', 1) != 1: raise ValueError("gray_learner makes 1-channel models; leave n_in out")
-    _check_init(init, 1)
+    _check_gray_args('gray_learner', init, kwargs)
     if n_out is None: n_out = get_c(dls)
     if not n_out: raise ValueError("`n_out` is not defined, and could not be inferred from data, set `dls.c` or pass `n_out`")
-    channels = input_channels(dls)
-    if channels not in (1, 3):
-        raise ValueError(f"gray_learner needs DataLoaders of 1-channel (gray) or 3-channel (RGB) images, got {channels} channels")
-    meta = model_meta.get(arch, _default_meta)
+    channels = _gray_channels(dls, 'gray_learner')
     if isinstance(arch, str): kwargs = timm_offline_kwargs(arch, pretrained, kwargs)
-    model_args = dict(init=head_init, custom_head=custom_head, concat_pool=concat_pool, pool=pool, lin_ftrs=lin_ftrs, ps=ps,
-                      first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range, **kwargs)
-    if isinstance(arch, str):
-        model, cfg = create_timm_model(arch, n_out, default_split, pretrained, **model_args)
-        arch_stats = (cfg['mean'], cfg['std'])
-    else:
-        model = create_vision_model(arch, n_out, pretrained=pretrained, weights=weights, **model_args)
-        arch_stats = meta.get('stats')
-    if stats is None and pretrained: stats = arch_stats
-    input_stats, gray_cbs = _gray_input(dls, channels, stats if stats is not None else _NO_STATS,
-                                        normalize and pretrained and stats is not None)
-    update_first_layer(model, 1, pretrained, init, ifnone(stats, _NO_STATS), input_stats)
-    splitter = ifnone(splitter, meta['split'])
-    learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter,
-                    cbs=L(cbs) + gray_cbs, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
-                    train_bn=train_bn, moms=moms)
-    if pretrained: learn.freeze()
+    head = dict(concat_pool=concat_pool, pool=pool, lin_ftrs=lin_ftrs, ps=ps, first_bn=first_bn, bn_final=bn_final,
+                lin_first=lin_first, y_range=y_range)
+    model, arch_stats = _classifier(arch, n_out, pretrained, weights, cut, dict(init=head_init, custom_head=custom_head, **head, **kwargs))
+    stats, input_stats, gray_cbs = _convert_input(model, dls, channels, arch_stats, stats, normalize, pretrained, init)
+    learn = _gray_learner_of(dls, model, arch, cut, splitter, cbs, gray_cbs, pretrained, loss_func=loss_func, opt_func=opt_func,
+                             lr=lr, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
+                             train_bn=train_bn, moms=moms)
     store_attr('arch,normalize,n_out,pretrained,init', self=learn, **kwargs)
-    learn.gray_config = dict(task='classify', arch=arch if isinstance(arch, str) else getattr(arch, '__name__', None) if arch in model_meta else None,
-        n_out=n_out, init=init, normalize=normalize, stats=stats, input_stats=input_stats, cut=cut, concat_pool=concat_pool, pool=pool,
-        lin_ftrs=lin_ftrs, ps=ps, first_bn=first_bn, bn_final=bn_final, lin_first=lin_first, y_range=y_range)
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in _NOT_STRUCTURE}
+    learn.gray_config = _gray_config('classify', arch, n_out, init, normalize, pretrained, stats, input_stats, cut=cut,
+                                     custom_head=custom_head, **head, model_kwargs=model_kwargs)
     return learn

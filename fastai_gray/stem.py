@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from fastai.vision.core import imagenet_stats
 from fastcore.basics import ifnone
-from .core import check_stats, gray_stats
+from .core import check_stats, gray_stats, rel_error
 
 # %% auto #0
 __all__ = ['find_first_conv', 'exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'SumFromRGB',
@@ -170,18 +170,23 @@ def update_first_layer(model:nn.Module, n_in:int=1, pretrained:bool=True, init:s
     return model
 
 # %% ../nbs/02_stem.ipynb #d01c3312
+def _exact_tol(dtype:torch.dtype) -> float:
+    "Largest relative error `_verify_exact` accepts for a layer computing in `dtype`: 1e-4, or 8 machine epsilons of a coarser dtype"
+    return max(1e-4, 8 * torch.finfo(dtype).eps)
+
 @torch.no_grad()
-def _verify_exact(name, conv, stem, tol=1e-4):
-    "Raise if `stem` does not reproduce `conv` on a random gray image"
+def _verify_exact(name, conv, stem, tol=None):
+    "Raise if `stem` does not reproduce `conv` on a random gray image, within `tol` (by default `_exact_tol` of the weight's dtype)"
     w = conv.weight
+    tol = ifnone(tol, _exact_tol(w.dtype))
     size = [2 * (k - 1) * d + 2 * s + 5 for k, d, s in zip(conv.kernel_size, conv.dilation, conv.stride)]
     g = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(w.device)
     x3, x1 = rgb_and_gray(g, stem.stats, stem.input_stats)
-    y3, y1 = conv(x3.to(w.dtype)), stem(x1.to(w.dtype))
-    err = ((y1 - y3).norm() / y3.norm().clamp_min(1e-12)).item()
+    err = rel_error(stem(x1.to(w.dtype)), conv(x3.to(w.dtype)))
     if not err <= tol:
         raise ValueError(f"init='exact' cannot convert first layer {name!r} ({type(conv).__name__}): relative error {err:.2g} "
-                         f"on a test image; its forward is not a plain convolution of its weight. Use init='sum'.")
+                         f"on a test image (at most {tol:.2g} for {w.dtype}); its forward is not a plain convolution of its "
+                         f"weight. Use init='sum'.")
 
 # %% ../nbs/02_stem.ipynb #94b4b48f
 def _rgb_from_gray(w1, k, stats, input_stats):
@@ -191,7 +196,7 @@ def _rgb_from_gray(w1, k, stats, input_stats):
     A = torch.stack([s1 / s3, (m1 - m3) / s3])                                   # (2, 3)
     rhs = torch.stack([w1.detach().double().flatten(), k.detach().double().flatten()]).to('cpu')
     W = torch.linalg.pinv(A) @ rhs                                               # (3, n)
-    residual = (A @ W - rhs).norm() / rhs.norm().clamp_min(1e-30)
+    residual = rel_error(A @ W, rhs)
     if residual > 1e-6:
         raise ValueError(f"the gray first layer has no exact 3-channel equivalent for stats={stats}: with the same statistics "
                          f"for every channel, the offset kernel must be a multiple of the gray kernel (residual {residual:.2g})")

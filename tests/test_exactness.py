@@ -14,6 +14,7 @@ from torchvision import models as tvm
 from fastai.vision.models.xresnet import xresnet18
 from fastai.vision.core import imagenet_stats
 
+from fastai_gray.core import rel_error
 from fastai_gray.stem import update_first_layer, rgb_and_gray
 from fastai_gray.weights import lite0_checkpoint, LITE0_ARCH
 from fastai_gray.bench import photo_crops as gray_photo_crops  # gray crops of scikit-image's bundled photos
@@ -21,7 +22,7 @@ from fastai_gray.bench import photo_crops as gray_photo_crops  # gray crops of s
 
 def relative_errors(y1, y3):
     "Per-image relative logit error"
-    return ((y1 - y3).flatten(1).norm(dim=1) / y3.flatten(1).norm(dim=1)).tolist()
+    return rel_error(y1, y3, dim=0).tolist()
 
 
 @pytest.fixture(scope='module')
