@@ -319,8 +319,10 @@ class _Worker:
         self.proc.wait(); self.log.close()
 
 def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:int=16, reps:int=3, logs:Path|None=None) -> dict:
-    "Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and memory"
-    logs = Path(logs or tempfile.mkdtemp())
+    """Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and
+    memory. The workers' stderr goes to `logs` (default: a temporary folder, deleted at the end; a failing worker's error quotes its log)"""
+    own_logs = logs is None
+    logs = Path(logs or tempfile.mkdtemp(prefix='fastai_gray_bench_logs_'))
     workers = {p: _Worker(dict(folder=str(folder), which=p, size=size, bs=bs), logs/f'worker-{p}.log') for p in pipelines}
     try:
         res = {p: dict(workers[p].read(), train=[], preds=[], train_data=[], preds_data=[]) for p in pipelines}
@@ -336,6 +338,7 @@ def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:in
                 res[p][task + '_stats'], res[p][task + '_data_stats'] = _stats(res[p][task]), _stats(res[p][task + '_data'])
     finally:
         for w in workers.values(): w.close()
+        if own_logs: shutil.rmtree(logs, ignore_errors=True)
     return res
 
 # %% ../nbs/06_bench.ipynb #d5dc4f91

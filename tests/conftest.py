@@ -1,13 +1,14 @@
 """What every test shares, notebooks included (tests/test_notebooks.py runs them in this process).
 
 Hygiene. A test run writes nothing to the user's home or cache: from the start of the run (collection included) to its
-end, `$HOME`, `$XDG_CACHE_HOME` (fastai_gray's `cache_dir()`, torch's, Hugging Face's, matplotlib's), `$XDG_CONFIG_HOME`,
-`$FASTAI_HOME` and `$IPYTHONDIR` point into one temporary folder, which is deleted afterwards and the variables restored
-(so the Lite0 checkpoint is converted once per run, about a second). `tempfile`'s folder is in there too: a folder a test
-or notebook makes with `tempfile.mkdtemp()` and does not delete goes with it. pytest's `tmp_path` folders are deleted
-when the run passes (setup.cfg: `tmp_path_retention_policy = failed`), and kept where a test failed. Each test, and each
-notebook, gets `os.environ` and torch's thread count back as they were: a change it leaves is undone and named in a
-warning (`LeftChanged`).
+end, `$HOME`, `$XDG_CACHE_HOME` (fastai_gray's `cache_dir()`, torch's, Hugging Face's, matplotlib's),
+`$XDG_CONFIG_HOME`, `$FASTAI_HOME`, `$IPYTHONDIR` and `$HYPOTHESIS_STORAGE_DIRECTORY` (else .hypothesis/ in the working
+folder) point into one temporary folder, which is deleted afterwards and the variables restored (so the Lite0 checkpoint
+is converted once per run, about a second). `tempfile`'s folder is in there too: a folder a test or notebook makes with
+`tempfile.mkdtemp()` and does not delete goes with it. pytest's `tmp_path` folders are deleted when the run passes
+(setup.cfg: `tmp_path_retention_policy = failed`) and kept where a test failed. Each test, and each notebook, gets
+`os.environ` and torch's thread count back as they were: a change it leaves is undone and named in a warning
+(`LeftChanged`).
 
 Tiers (markers in setup.cfg). `slow`: trains a model or takes over ~10 s; `make test-fast` leaves these out. `browser`:
 drives headless Chromium; where Chromium is missing such a test is skipped with the reason, except in CI (`CI=true`),
@@ -24,7 +25,8 @@ pytest_plugins = ['pytester']  # tests/test_docs.py runs pytest on a small file 
 
 # ---------------------------------------------------------------------------------------------------- hygiene
 
-PRIVATE = {'HOME': 'home', 'XDG_CACHE_HOME': 'cache', 'XDG_CONFIG_HOME': 'config', 'FASTAI_HOME': 'fastai', 'IPYTHONDIR': 'ipython'}
+PRIVATE = {'HOME': 'home', 'XDG_CACHE_HOME': 'cache', 'XDG_CONFIG_HOME': 'config', 'FASTAI_HOME': 'fastai', 'IPYTHONDIR': 'ipython',
+           'HYPOTHESIS_STORAGE_DIRECTORY': 'hypothesis'}
 _saved, _root = {}, None
 
 def pytest_configure(config):
@@ -42,10 +44,6 @@ def pytest_unconfigure(config):
         else: os.environ[var] = value
     _saved.clear()
     if _root is not None: shutil.rmtree(_root, ignore_errors=True)
-
-def private_root() -> Path:
-    "The temporary folder that stands for the home and cache folders during this test run"
-    return _root
 
 @pytest.fixture(scope='session', autouse=True)
 def private_tmp(tmp_path_factory):
@@ -116,12 +114,13 @@ def chromium() -> str:
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def class_image(cls:str, i:int, mode:str='L', size:int=12):
-    """A `size`-pixel square PIL image of class `cls` in PIL `mode` ('L', 'I;16', 'RGB', 'RGBA', 'P', ...), the `i`-th
-    of its class: class 'a' dark, 'b' bright, 'c' striped (any other name dark, with its own noise), so a model can learn them"""
+def class_image(cls:str, i:int, mode:str='L', size:int|tuple=12):
+    """A PIL image of class `cls` in PIL `mode` ('L', 'I;16', 'RGB', 'RGBA', 'P', ...), `size` pixels square or `(height,
+    width)`, the `i`-th of its class: class 'a' dark, 'b' bright, 'c' striped (any other name dark, with its own noise), so
+    a model can learn them. 'I;16' holds the 8-bit values times 257 (the full 16-bit range)"""
     from PIL import Image
     rng = np.random.default_rng(100 * sum(map(ord, cls)) + i)
-    a = rng.integers(0, 60, (size, size)) + (180 if cls == 'b' else 0)
+    a = rng.integers(0, 60, (size, size) if isinstance(size, int) else tuple(size)) + (180 if cls == 'b' else 0)
     if cls == 'c': a[::2] += 190
     a = a.clip(0, 255).astype(np.uint8)
     if mode == 'I;16': return Image.fromarray(a.astype(np.uint16) * 257)
@@ -130,7 +129,7 @@ def class_image(cls:str, i:int, mode:str='L', size:int=12):
 
 MODES = ('L', 'I;16', 'RGBA', 'RGB', 'P')
 
-def write_labelled_images(folder, classes=('a', 'b', 'c'), n:int=8, modes=MODES, size:int=12, suffix:str='.png') -> Path:
+def write_labelled_images(folder, classes=('a', 'b', 'c'), n:int=8, modes=MODES, size:int|tuple=12, suffix:str='.png') -> Path:
     "`n` images per class in `folder/<class>/<class><i><suffix>`, cycling through PIL `modes`; returns `folder`"
     folder = Path(folder)
     for c in classes:
