@@ -7,11 +7,10 @@ list every notebook's page and nothing else, each module's page must hold a `sho
 functions and classes, and the search box must find `gray_learner`. A screenshot of the landing page is saved as
 `_docs/screenshot.png`.
 
-The tests of the site are marked `browser` (so are their fixtures' users only): where Chromium is missing they are skipped,
-with the reason and how to install it (`apt-get install -y chromium` on Debian, or `$CHROMIUM` set to its path), before
-the site is built; in CI (`CI=true`) a missing Chromium fails them instead, and `.ci/run` installs it. The README tests
-need no browser and always run. `make test-fast` leaves out the browser tests; `make test` runs them.
-See tests/conftest.py for the skip."""
+The tests that need the browser are marked `browser`. Where Chromium is missing they are skipped before the site is
+built, with the reason and how to install it (`apt-get install -y chromium` on Debian, or `$CHROMIUM` set to its path);
+in CI (`CI=true`) a missing Chromium fails them instead (`.ci/run` installs it). The skip is tests/conftest.py's, and is
+tested here. The README tests need no browser and always run. `make test-fast` leaves the browser tests out."""
 import ast, base64, contextlib, functools, http.server, io, json, os, re, shutil, subprocess, sys, threading, time
 import urllib.error, urllib.request
 from pathlib import Path
