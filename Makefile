@@ -17,7 +17,7 @@ test-fast:  ## the everyday tier: no training runs, no long notebooks, no browse
 bench:      ## the full benchmark the docs quote, into nbs/bench/, then README.md from it (32 minutes on 2 idle cores)
 	fastai-gray bench && python tools/docs.py readme
 
-bench-quick: ## the quick benchmark, into nbs/bench/quick/ (git ignores it; about 6 minutes on 2 busy cores)
+bench-quick: ## the quick benchmark, into nbs/bench/quick/ (git ignores it; 6 to 12 minutes measured on 2 busy cores)
 	fastai-gray bench --quick
 
 docs:       ## the docs site into _docs/, offline (nbdev processing + smalldocs)

@@ -292,6 +292,7 @@ def render_site() -> float:
 def build():
     t0 = time.time()
     process_notebooks()
+    for run in (p for p in (PROC/'bench').glob('*') if p.is_dir()): shutil.rmtree(run)  # quick/, partial/: not the site's run
     t1 = time.time()
     # smalldocs names a page after its file and Quarto reads `output-file`: name each notebook as its page is named
     nbs = {f.relative_to(PROC).as_posix(): json.loads(f.read_text()) for f in sorted(PROC.rglob('*.ipynb'))}
