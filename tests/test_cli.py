@@ -244,6 +244,10 @@ def test_bench_is_handed_the_arguments(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'fastai_gray.bench', None)  # as if the module were missing
     status, out, err = run(capsys, 'bench')
     assert status == 1 and err.startswith('fastai-gray: error: ') and 'fastai_gray.bench' in err and len(err.splitlines()) == 1
+    monkeypatch.delitem(sys.modules, 'fastai_gray.bench')
+    monkeypatch.setitem(sys.modules, 'skimage', None)              # as if scikit-image were not installed
+    status, out, err = run(capsys, 'bench')
+    assert status == 1 and 'pip install "fastai_gray[bench]"' in err and len(err.splitlines()) == 1, err
 
 
 def test_help(capsys):
