@@ -6,44 +6,23 @@ import pytest
 import torch
 from PIL import Image
 from fastai_gray.cli import main
+from conftest import class_image, write_labelled_images  # the image writers the test files share
 
 TINY = ['--epochs', '1', '--size', '32', '--bs', '8']  # Lite0 with its real (packaged) weights, tiny images
-
-
-def _image(cls, i, mode):
-    "A 12x12 image of class `cls` (bright for 'b', dark for 'a', stripes for 'c') in PIL `mode`"
-    rng = np.random.default_rng(100 * ord(cls) + i)
-    a = rng.integers(0, 60, (12, 12)) + {'a': 0, 'b': 180, 'c': 0}[cls]
-    if cls == 'c': a[::2] += 190
-    a = a.clip(0, 255).astype(np.uint8)
-    if mode == 'I;16': return Image.fromarray(a.astype(np.uint16) * 257)
-    if mode == 'RGBA':
-        rgba = np.stack([a, a, a, np.full_like(a, 255)], -1)
-        return Image.fromarray(rgba, 'RGBA')
-    return Image.fromarray(a).convert(mode)
-
-
-def _write_classes(folder, classes=('a', 'b', 'c'), n=8):
-    "`n` PNGs per class, in assorted modes: 8-bit gray, 16-bit gray, RGBA, RGB, palette"
-    modes = ['L', 'I;16', 'RGBA', 'RGB', 'P']
-    for c in classes:
-        (folder/c).mkdir(parents=True, exist_ok=True)
-        for i in range(n): _image(c, i, modes[i % len(modes)]).save(folder/c/f'{c}{i}.png')
-    return folder
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('cli')
-    flat = _write_classes(root/'flat')
+    flat = write_labelled_images(root/'flat')
     assert Image.open(flat/'a'/'a1.png').mode == 'I;16' and Image.open(flat/'a'/'a2.png').mode == 'RGBA'
-    _write_classes(root/'split'/'train', n=6); _write_classes(root/'split'/'valid', n=2)
+    write_labelled_images(root/'split'/'train', n=6); write_labelled_images(root/'split'/'valid', n=2)
     rows = [f'flat/{c}/{c}{i}.png,{c}' for c in 'abc' for i in range(8)]
     (root/'labels.csv').write_text('filename,label\n' + '\n'.join(rows) + '\n')
-    (root/'one').mkdir(); _write_classes(root/'one', classes=('a',), n=3)
+    (root/'one').mkdir(); write_labelled_images(root/'one', classes=('a',), n=3)
     (root/'empty').mkdir(); (root/'empty'/'x').mkdir(); (root/'empty'/'x'/'notes.txt').write_text('no images here')
-    (root/'loose').mkdir(); _image('a', 0, 'L').save(root/'loose'/'x.png')
-    (root/'broken').mkdir(); _write_classes(root/'broken', n=3); (root/'broken'/'b'/'bad.png').write_bytes(b'not a png')
+    (root/'loose').mkdir(); class_image('a', 0, 'L').save(root/'loose'/'x.png')
+    (root/'broken').mkdir(); write_labelled_images(root/'broken', n=3); (root/'broken'/'b'/'bad.png').write_bytes(b'not a png')
     (root/'missing.csv').write_text('flat/a/a0.png,a\nflat/a/nope.png,b\n')
     (root/'notes.png').write_text('not an image')
     torch.save({'w': torch.zeros(2)}, root/'state.pth')
@@ -289,7 +268,7 @@ def test_dicom_folder(tmp_path, capsys):
     "A folder of DICOM files mixed with a PNG: bad DICOM listed, the rest trained on, predict reads a .dcm file"
     _dicom_copies('CT_small.dcm', tmp_path/'data'/'ct', 6, 0)
     _dicom_copies('MR_small.dcm', tmp_path/'data'/'mr', 6, 1)
-    _image('a', 0, 'L').save(tmp_path/'data'/'ct'/'scout.png')
+    class_image('a', 0, 'L').save(tmp_path/'data'/'ct'/'scout.png')
     good = (tmp_path/'data'/'ct'/'ct0.dcm').read_bytes()
     (tmp_path/'data'/'mr'/'cut.dcm').write_bytes(good[:len(good) // 2])       # cut short
     (tmp_path/'data'/'mr'/'notes.dcm').write_text('not a DICOM file')
@@ -320,7 +299,7 @@ def test_segment_train_predict(tmp_path, capsys):
     assert status == 0, err
     assert '20 training and 4 validation images, 2 codes (background, digit)' in out and 'dice' in out
     assert _lines(out)[-1].startswith('validation dice: ')
-    _image('a', 0, 'L').resize((37, 29)).save(tmp_path/'odd.png')   # any size: the mask comes back at the image's size
+    class_image('a', 0, 'L').resize((37, 29)).save(tmp_path/'odd.png')   # any size: the mask comes back at the image's size
     status, out, err = run(capsys, 'predict', model, data/'images'/'0001.png', tmp_path/'odd.png', tmp_path/'nope.png',
                            '--out-dir', tmp_path/'masks')
     assert status == 1 and 'nope.png' in err
