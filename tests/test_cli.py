@@ -112,6 +112,9 @@ def test_train_valid_layout(data, capsys, tmp_path, monkeypatch):
     (['train', '{root}/flat', '--window', '2048'], '--window takes CENTER WIDTH (numbers, WIDTH > 0), minmax, dicom'),
     (['train', '{root}/flat', '--window', '100', '0'], '--window takes CENTER WIDTH'),
     (['train', '{root}/flat', '--window', 'max'], '--window takes CENTER WIDTH'),
+    (['train', '--window', 'lungs', '{root}/nope'], 'nope does not exist'),           # the PATH after a window word ...
+    (['train', '--window', '40', '80', '{root}/nope'], 'nope does not exist'),        # ... or after CENTER WIDTH
+    (['train', '{root}/flat', '--map', '255'], '--map takes VALUE:LABEL pairs'),
     (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png'], 'is not a safetensors model file; it was not loaded'),
     (['predict', '{root}/state.pth', '{root}/flat/a/a0.png'], 'is not a safetensors model file; it was not loaded'),
     (['predict', '{root}/labels.csv', '{root}/flat/a/a0.png', '--trust-pickle'], 'is not a learner exported by `learn.export`'),
@@ -284,7 +287,7 @@ def test_dicom_folder(tmp_path, capsys):
     rows = [l.split('\t') for l in out.splitlines()]
     assert status == 1 and len(rows) == 1 and rows[0][0].endswith('mr1.dcm') and rows[0][1] in ('ct', 'mr')
     assert 'notes.dcm' in err
-    status, out, err = run(capsys, 'train', tmp_path/'data', *TINY, '--window', 'lungs', '--skip-bad', '--out', model)
+    status, out, err = run(capsys, 'train', *TINY, '--skip-bad', '--out', model, '--window', 'lungs', tmp_path/'data')  # PATH after a window
     assert status == 0, err
     assert "skipping: " in err and 'scout.png' in err and 'window lungs' in out   # a CT preset does not apply to a PNG
 
@@ -313,7 +316,7 @@ def test_segment_train_predict(tmp_path, capsys):
     Image.fromarray(np.full((48, 48), 255, np.uint8)).save(data/'masks'/'0003.png')
     status, out, err = run(capsys, 'train', data, '--task', 'segment', *TINY)
     assert status == 1 and 'epoch' not in out and "0003.png' holds label value(s) 255 outside range(2)" in err
-    status, out, err = run(capsys, 'train', data, '--task', 'segment', '--map', '255:1', *TINY, '--out', tmp_path/'m2.safetensors')
+    status, out, err = run(capsys, 'train', '--task', 'segment', '--map', '255:1', *TINY, '--out', tmp_path/'m2.safetensors', data)
     assert status == 0, err
     status, out, err = run(capsys, 'train', data, '--map', '255:1', *TINY)
     assert status == 2 and '--map is for --task segment' in err
