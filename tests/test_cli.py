@@ -64,6 +64,9 @@ def test_train_export_predict(data, capsys, tmp_path):
 
     status, out, err = run(capsys, 'predict', model, images[0])
     assert status == 0 and len(out.splitlines()) == 1
+    res = subprocess.run([sys.executable, '-m', 'fastai_gray', 'predict', str(model), str(images[0])],  # a fresh process,
+                         capture_output=True, text=True, timeout=300)                                     # as from a shell
+    assert res.returncode == 0 and res.stdout == out, res.stderr
 
 
 @pytest.mark.slow
