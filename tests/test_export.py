@@ -90,7 +90,7 @@ def test_round_trip(name, request, folder, tmp_path):
 
 def test_recorded_settings(lite0_file, tmp_path):
     meta = read_model_meta(lite0_file)
-    assert meta['input'] == dict(background=0.5, draft=None, window=[30000., 60000.], size=[28, 20], method='pad',
+    assert meta['input'] == dict(background=0.5, draft=None, window=[30000., 60000.], frame=None, size=[28, 20], method='pad',
                                  pad_mode='zeros', resamples=[2, 0], affine=None)
     assert meta['arch'] == 'tf_efficientnet_lite0' and meta['arch_source'] == 'timm' and meta['init'] == 'exact'
     assert meta['input_norm'] == [[0.5], [0.5]]
