@@ -36,7 +36,13 @@ from .learner import gray_learner
 __all__ = ['PHOTOS', 'RECIPES', 'ACC_LEARNERS', 'SOURCES', 'PIPELINES', 'STAGES', 'SETTINGS', 'machine_info', 'photo_crops',
            'lite0', 'lite0_stats', 'fidelity', 'digits_folder', 'accuracy_learner', 'EpochLog', 'accuracy_run',
            'make_sources', 'pipeline', 'time_data_path', 'draft_error', 'E2ERun', 'worker_main', 'end_to_end',
-           'targets', 'results_markdown', 'plot_results', 'write_results', 'run_stages', 'main']
+           'targets', 'results_markdown', 'plot_results', 'write_results', 'default_out', 'run_stages', 'main']
+
+# %% ../nbs/06_bench.ipynb #0c3f9d41
+try: import skimage.data  # the photos of the fidelity and data-path stages
+except ImportError as e:
+    raise ModuleNotFoundError('fastai_gray.bench needs scikit-image, the `bench` extra: pip install "fastai_gray[bench]"',
+                              name='skimage') from e
 
 # %% ../nbs/06_bench.ipynb #1b1422bd
 def _cpu_model():
@@ -313,8 +319,10 @@ class _Worker:
         self.proc.wait(); self.log.close()
 
 def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:int=16, reps:int=3, logs:Path|None=None) -> dict:
-    "Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and memory"
-    logs = Path(logs or tempfile.mkdtemp())
+    """Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and
+    memory. The workers' stderr goes to `logs` (default: a temporary folder, deleted at the end; a failing worker's error quotes its log)"""
+    own_logs = logs is None
+    logs = Path(logs or tempfile.mkdtemp(prefix='fastai_gray_bench_logs_'))
     workers = {p: _Worker(dict(folder=str(folder), which=p, size=size, bs=bs), logs/f'worker-{p}.log') for p in pipelines}
     try:
         res = {p: dict(workers[p].read(), train=[], preds=[], train_data=[], preds_data=[]) for p in pipelines}
@@ -330,6 +338,7 @@ def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:in
                 res[p][task + '_stats'], res[p][task + '_data_stats'] = _stats(res[p][task]), _stats(res[p][task + '_data'])
     finally:
         for w in workers.values(): w.close()
+        if own_logs: shutil.rmtree(logs, ignore_errors=True)
     return res
 
 # %% ../nbs/06_bench.ipynb #d5dc4f91
@@ -493,16 +502,21 @@ SETTINGS = {
                  data_n=256, data_reps=5, e2e_train=96, e2e_valid=64, e2e_bs=16, e2e_reps=5, e2e_pipelines=('rgb', 'gray', 'gray-draft')),
 }
 
-def _default_out():
-    "nbs/bench in a checkout of fastai_gray (run from its root), else ./fastai_gray_bench"
-    return Path('nbs/bench') if Path('nbs').is_dir() and Path('fastai_gray').is_dir() else Path('fastai_gray_bench')
+def default_out(mode:str='full', stages=STAGES) -> Path:
+    """The results folder when `--out` is not given: nbs/bench in a checkout of fastai_gray (run from its root), else
+    ./fastai_gray_bench, for a full run of every stage; its `quick/` folder for a quick run, `partial/` for some stages"""
+    if mode not in SETTINGS: raise ValueError(f"mode must be one of {', '.join(SETTINGS)}, got {mode!r}")
+    base = Path('nbs/bench') if Path('nbs').is_dir() and Path('fastai_gray').is_dir() else Path('fastai_gray_bench')
+    if mode == 'quick': return base/'quick'
+    return base if set(stages) >= set(STAGES) else base/'partial'
 
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-gray bench', description="Benchmark fastai_gray against fastai's 3-channel and n_in=1 "
                                 "recipes: fidelity, accuracy after fine-tuning, data-path and end-to-end cost, on real Lite0 weights.")
-    p.add_argument('--quick', action='store_true', help='small runs: under 10 minutes on 2 cores')
+    p.add_argument('--quick', action='store_true', help='small runs: 6 to 12 minutes on 2 busy cores (the full run: 32 on 2 idle cores)')
     p.add_argument('--only', nargs='+', choices=STAGES, metavar='STAGE', help=f'run only these stages, of {", ".join(STAGES)}')
-    p.add_argument('--out', type=Path, help='results folder (default: nbs/bench in a checkout of fastai_gray, else ./fastai_gray_bench)')
+    p.add_argument('--out', type=Path, help='results folder (default: nbs/bench in a checkout of fastai_gray, else ./fastai_gray_bench; '
+                   'its quick/ folder with --quick, partial/ with --only)')
     p.add_argument('--seeds', type=int, help='number of seeds for the accuracy runs (default: 3 quick, 5 full)')
     p.add_argument('--source', default='jpeg-L', choices=SOURCES, help='the files of the end-to-end runs (default: jpeg-L)')
     p.add_argument('--threads', type=int, default=1, help="torch threads for the model, here and in the workers; 0: torch's default "
@@ -575,7 +589,7 @@ def main(argv:list[str]|None=None) -> int:
         os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the workers'
     mode = 'quick' if args.quick else 'full'
     cfg = dict(SETTINGS[mode], **({'seeds': args.seeds} if args.seeds else {}))
-    out = args.out or _default_out()
+    out = args.out or default_out(mode, args.only or STAGES)
     start = time.perf_counter()
     res = dict(command=shlex.join(['fastai-gray', 'bench', *argv]), argv=argv, mode=mode, settings=cfg, machine=machine_info())
     work = Path(args.workdir or tempfile.mkdtemp(prefix='fastai_gray_bench_'))

@@ -244,6 +244,10 @@ def test_bench_is_handed_the_arguments(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'fastai_gray.bench', None)  # as if the module were missing
     status, out, err = run(capsys, 'bench')
     assert status == 1 and err.startswith('fastai-gray: error: ') and 'fastai_gray.bench' in err and len(err.splitlines()) == 1
+    monkeypatch.delitem(sys.modules, 'fastai_gray.bench')
+    monkeypatch.setitem(sys.modules, 'skimage', None)              # as if scikit-image were not installed
+    status, out, err = run(capsys, 'bench')
+    assert status == 1 and 'pip install "fastai_gray[bench]"' in err and len(err.splitlines()) == 1, err
 
 
 def test_help(capsys):
@@ -304,3 +308,33 @@ def test_dicom_folder(tmp_path, capsys):
     status, out, err = run(capsys, 'train', tmp_path/'data', *TINY, '--window', 'lungs', '--skip-bad', '--out', model)
     assert status == 0, err
     assert "skipping: " in err and 'scout.png' in err and 'window lungs' in out   # a CT preset does not apply to a PNG
+
+
+@pytest.mark.slow
+def test_segment_train_predict(tmp_path, capsys):
+    "--task segment on an images/ + masks/ folder; predict writes a mask of each image's size; bad masks stop training first"
+    from fastai_gray.datasets import digits_segmentation_dataset
+    data = digits_segmentation_dataset(tmp_path/'seg', n=24)
+    model = tmp_path/'seg.safetensors'
+    status, out, err = run(capsys, 'train', data, '--task', 'segment', '--epochs', '1', '--size', '48', '--bs', '8', '--out', model)
+    assert status == 0, err
+    assert '20 training and 4 validation images, 2 codes (background, digit)' in out and 'dice' in out
+    assert _lines(out)[-1].startswith('validation dice: ')
+    _image('a', 0, 'L').resize((37, 29)).save(tmp_path/'odd.png')   # any size: the mask comes back at the image's size
+    status, out, err = run(capsys, 'predict', model, data/'images'/'0001.png', tmp_path/'odd.png', tmp_path/'nope.png',
+                           '--out-dir', tmp_path/'masks')
+    assert status == 1 and 'nope.png' in err
+    rows = [l.split('\t') for l in out.splitlines()]
+    assert [r[1] for r in rows] == [str(tmp_path/'masks'/'0001.png'), str(tmp_path/'masks'/'odd.png')]
+    assert all(r[2].startswith('background ') and ', digit ' in r[2] for r in rows)
+    assert Image.open(tmp_path/'masks'/'odd.png').size == (37, 29) and Image.open(tmp_path/'masks'/'0001.png').size == (48, 48)
+    assert set(np.unique(np.asarray(Image.open(tmp_path/'masks'/'odd.png')))) <= {0, 1}
+    status, out, err = run(capsys, 'predict', model, tmp_path/'odd.png')
+    assert status == 2 and 'give --out-dir DIR' in err
+    Image.fromarray(np.full((48, 48), 255, np.uint8)).save(data/'masks'/'0003.png')
+    status, out, err = run(capsys, 'train', data, '--task', 'segment', *TINY)
+    assert status == 1 and 'epoch' not in out and "0003.png' holds label value(s) 255 outside range(2)" in err
+    status, out, err = run(capsys, 'train', data, '--task', 'segment', '--map', '255:1', *TINY, '--out', tmp_path/'m2.safetensors')
+    assert status == 0, err
+    status, out, err = run(capsys, 'train', data, '--map', '255:1', *TINY)
+    assert status == 2 and '--map is for --task segment' in err

@@ -1,4 +1,8 @@
-"""The converted stem under mixed precision and other memory formats (CPU here; CUDA/float16 where a GPU exists)."""
+"""The converted stem under other number formats, memory formats and devices.
+
+On the CPU (every run): bfloat16 autocast, channels-last, float64. On a CUDA GPU, only where torch sees one: the model
+moved to the GPU, float16 autocast and channels-last there; without a GPU these are skipped, saying so, and a CPU run
+promises nothing about CUDA."""
 import copy
 import pytest
 import torch
@@ -29,7 +33,7 @@ def test_bfloat16_autocast_on_cpu(models):
     assert rel(y, ref) < 5e-2
 
 
-def test_channels_last_and_to_device(models):
+def test_channels_last_on_cpu(models):
     _, m1 = models
     x = torch.randn(2, 1, 67, 91)
     with torch.no_grad():
@@ -39,7 +43,7 @@ def test_channels_last_and_to_device(models):
     assert rel(y, ref) < 1e-5
 
 
-def test_double_precision(models):
+def test_float64_on_cpu(models):
     "A float64 model converts in float64: the converted model matches the original to 1e-10, and `.double()` of a converted one runs"
     m3, m1 = models
     m3 = copy.deepcopy(m3).double()
@@ -51,3 +55,25 @@ def test_double_precision(models):
         y1 = update_first_layer(copy.deepcopy(m3)).eval()((g - m) / s)
         assert copy.deepcopy(m1).double()((g - m) / s).dtype == torch.float64
     assert y1.dtype == torch.float64 and rel(y1, y3) < 1e-10
+
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here: the CUDA checks did not run')
+
+@NO_CUDA
+def test_cuda_matches_cpu(models):
+    "The converted model moved to the GPU gives the CPU's logits (float32; TF32 convolutions allowed, hence 1e-2)"
+    _, m1 = models
+    x = torch.randn(2, 1, 67, 91)
+    with torch.no_grad(): ref, y = m1(x), copy.deepcopy(m1).cuda()(x.cuda())
+    assert y.device.type == 'cuda' and rel(y.cpu(), ref) < 1e-2
+
+@NO_CUDA
+def test_float16_autocast_and_channels_last_on_cuda(models):
+    _, m1 = models
+    x = torch.randn(2, 1, 67, 91)
+    gpu = copy.deepcopy(m1).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m1(x)
+        with torch.autocast('cuda', dtype=torch.float16): y = gpu(x.cuda().contiguous(memory_format=torch.channels_last))
+    assert y.dtype == torch.float16
+    assert rel(y.cpu(), ref) < 5e-2

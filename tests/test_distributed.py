@@ -1,12 +1,15 @@
-"A gray learner trains under fastai's `distrib_ctx` across 2 CPU processes (torchrun, gloo)."
+"""A gray learner trains under fastai's `distrib_ctx` across 2 CPU processes (torchrun, gloo backend): CPU only; NCCL
+and several GPUs are not tested. Slow: two processes import fastai and train (12 s on 2 cores)."""
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_ends_identical_on_every_rank(tmp_path):
     torchrun = Path(sys.executable).parent/'torchrun'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg'}

@@ -7,8 +7,11 @@ list every notebook's page and nothing else, each module's page must hold a `sho
 functions and classes, and the search box must find `gray_learner`. A screenshot of the landing page is saved as
 `_docs/screenshot.png`.
 
-Chromium missing is a failure, not a skip: `.ci/run` installs it (`apt-get install chromium`), and so can you."""
-import ast, base64, contextlib, functools, http.server, io, json, os, re, shutil, subprocess, sys, tempfile, threading, time
+The tests that need the browser are marked `browser`. Where Chromium is missing they are skipped before the site is
+built, with the reason and how to install it (`apt-get install -y chromium` on Debian, or `$CHROMIUM` set to its path);
+in CI (`CI=true`) a missing Chromium fails them instead (`.ci/run` installs it). The skip is tests/conftest.py's, and is
+tested here. The README tests need no browser and always run. `make test-fast` leaves the browser tests out."""
+import ast, base64, contextlib, functools, http.server, io, json, os, re, shutil, subprocess, sys, threading, time
 import urllib.error, urllib.request
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlparse
@@ -39,6 +42,25 @@ def test_readme_keeps_the_two_commands():
     assert 'python -m pytest' in readme
 
 
+# ---------------------------------------------------------------------------------------------------- the tier
+
+def test_browser_tests_skip_without_chromium_except_in_ci(pytester, monkeypatch):
+    "Without Chromium a `browser` test is skipped, saying how to install it; with CI=true it fails (tests/conftest.py)"
+    pytester.makeconftest((Path(__file__).parent/'conftest.py').read_text())
+    pytester.makeini('[pytest]\naddopts = -rs\nmarkers =\n    browser: drives Chromium\n')
+    pytester.makepyfile(test_site='import pytest\n\n@pytest.mark.browser\ndef test_site(chromium): pass\n\ndef test_other(): pass\n')
+    monkeypatch.setenv('PATH', str(Path(sys.executable).parent))  # no Chromium on it
+    monkeypatch.delenv('CHROMIUM', raising=False)
+    monkeypatch.delenv('CI', raising=False)
+    res = pytester.runpytest_subprocess()
+    res.assert_outcomes(passed=1, skipped=1)
+    res.stdout.fnmatch_lines(['*SKIPPED*Chromium is not installed (`apt-get install -y chromium` on Debian*'])
+    monkeypatch.setenv('CI', 'true')
+    res = pytester.runpytest_subprocess()
+    res.assert_outcomes(passed=1, errors=1)
+    res.stdout.fnmatch_lines(['*Chromium is not installed*in CI (CI=true) it must be*'])
+
+
 # ---------------------------------------------------------------------------------------------------- the site
 
 @pytest.fixture(scope='module')
@@ -65,12 +87,6 @@ def server(site):
 
 
 # ---------------------------------------------------------------------------------------------------- the browser
-
-def chromium_path() -> str:
-    "Debian's Chromium; a failure, not a skip, when it is not installed"
-    for p in (os.environ.get('CHROMIUM'), '/usr/bin/chromium', shutil.which('chromium'), shutil.which('chromium-browser')):
-        if p and Path(p).exists(): return p
-    pytest.fail('Chromium is not installed: `apt-get install -y chromium` (.ci/run does it)', pytrace=False)
 
 class DevTools:
     "A small client of the Chrome DevTools protocol: one page target, commands by id, events buffered"
@@ -126,11 +142,10 @@ class DevTools:
     def close(self): self.ws.close()
 
 @pytest.fixture(scope='module')
-def browser():
-    "Headless Chromium with a fresh profile, driven over --remote-debugging-port"
-    exe = chromium_path()
-    profile = Path(tempfile.mkdtemp(prefix='fastai-gray-chromium-'))
-    proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f'--user-data-dir={profile}', '--remote-debugging-port=0',
+def browser(chromium, tmp_path_factory):
+    "Headless Chromium (conftest's `chromium`) with a fresh profile, driven over --remote-debugging-port"
+    profile = tmp_path_factory.mktemp('chromium-profile')
+    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f'--user-data-dir={profile}', '--remote-debugging-port=0',
                              '--window-size=1280,900', 'about:blank'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         port_file, end = profile/'DevToolsActivePort', time.monotonic() + 60
@@ -220,11 +235,13 @@ def _public(module:str) -> tuple:
     return [n for n in names if n in defs], [n for n in names if n not in defs]
 
 
+@pytest.mark.browser
 def test_every_page_loads_without_errors(visits):
     assert 'index.html' in visits and len(visits) >= len(_expected_pages())
     problems = {page: v['problems'] for page, v in visits.items() if v['problems']}
     assert not problems, json.dumps(problems, indent=1)
 
+@pytest.mark.browser
 def test_internal_links_resolve(visits, server):
     """Every link within the site answers 200; a link to a public name's entry (`learner.html#gray_learner`, as nbdev
     links a name in backticks) finds that entry on the page"""
@@ -242,6 +259,7 @@ def test_internal_links_resolve(visits, server):
     assert len(seen) >= len(visits)
     assert not bad, '\n'.join(bad)
 
+@pytest.mark.browser
 def test_images_load(visits, server):
     bad = []
     for page, v in visits.items():
@@ -250,6 +268,7 @@ def test_images_load(visits, server):
             elif img['src'].startswith(server) and _status(img['src']) != 200: bad.append(f'{page}: {img["src"]} not 200')
     assert not bad, '\n'.join(bad)
 
+@pytest.mark.browser
 def test_sidebar_lists_every_page_and_nothing_else(visits, server):
     want = _expected_pages()
     assert 'index.html' in want
@@ -260,6 +279,7 @@ def test_sidebar_lists_every_page_and_nothing_else(visits, server):
         assert set(have) == want and len(have) == len(set(have)), \
             f'{page}: sidebar has {sorted(have)}; missing {sorted(want - set(have))}, stray {sorted(set(have) - want)}'
 
+@pytest.mark.browser
 def test_module_pages_show_doc_every_public_name(visits):
     "nbdev's processing adds a `show_doc` entry (a heading with the name's id) for each exported function and class"
     missing = []
@@ -270,6 +290,7 @@ def test_module_pages_show_doc_every_public_name(visits):
         missing += [f'{page}: {mod}.{n} is not on the page' for n in other if n not in text]
     assert not missing, '\n'.join(missing)
 
+@pytest.mark.browser
 def test_search_finds_gray_learner(browser, server, visits):
     browser.goto(server + 'index.html')
     assert browser.js("!!document.querySelector('.smalldocs-search input')"), 'no search box on the landing page'
@@ -285,6 +306,7 @@ def test_search_finds_gray_learner(browser, server, visits):
     assert browser.js("location.pathname").endswith('/learner.html')
     assert browser.js("!!document.getElementById('gray_learner')"), 'learner.html has no gray_learner entry'
 
+@pytest.mark.browser
 def test_screenshot_of_landing_page(browser, server, site, visits):
     "A screenshot of the landing page, saved as _docs/screenshot.png: not blank, the title and the sidebar on it"
     browser.goto(server + 'index.html')

@@ -16,8 +16,8 @@
    examples, whose names `show_doc` never needs;
 3. each notebook is named as nbdev names its page (`02_stem.ipynb` -> `stem.ipynb`, nbdev's `output-file`, which
    smalldocs does not read), links follow; the links nbdev writes to this site's published address become links from
-   the site's root, so the offline site is whole; the landing page gets nbs/bench/results.md (the benchmark's numbers
-   and figures) when that file exists;
+   the site's root, so the offline site is whole; the landing page gets the headline figures of nbs/bench/results.json
+   (`bench_summary`) and nbs/bench/results.md (the benchmark's tables and plots) when those files exist;
 4. `nbdev_sidebar` lists the notebooks (nothing else: no nbdev.yml, no styles.css); we group them as Tutorials and
    Reference and write _proc/sidebar.yml;
 5. smalldocs (pure Python, reads _quarto.yml like Quarto) renders _proc/ into _docs/. A broken link fails the build;
@@ -30,8 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS, PROC, DOCS = ROOT/'nbs', ROOT/'_proc', ROOT/'_docs'
-BENCH = NBS/'bench'/'results.md'
+BENCH, BENCH_JSON = NBS/'bench'/'results.md', NBS/'bench'/'results.json'
 BENCH_MARK = '<!-- bench-results -->'  # where nbs/index.ipynb's markdown has this, the benchmark's results go
+SUMMARY_MARK = '<!-- bench-summary -->'  # and here, on the site and in README.md, their headline figures (`bench_summary`)
 DOCS_URL = 'https://fastai-gray.github.io/fastai_gray/'  # the published site: pyproject's Documentation, nbdev's doc_host + doc_baseurl
 
 
@@ -145,6 +146,75 @@ def bench_markdown(prefix:str='bench/') -> str|None:
     md = re.sub(r'(<img[^>]*\bsrc=")(?![a-z]+:|/)', r'\1' + prefix, md)
     return md
 
+# the words for the learners of the benchmark's accuracy stage
+LEARNERS = {'exact': '`exact`', 'sum': '`sum`', 'rgb': 'the 3-channel baseline', 'fastai': "fastai's `n_in=1`"}
+
+def _ratios(table:dict, sources) -> list:
+    "For each of `sources` in a data-path table: gray images/s over rgb's (`gray-draft` for JPEGs, `gray` for PNGs)"
+    return [table[s]['gray-draft' if s.startswith('jpeg') else 'gray']['median'] / table[s]['rgb']['median'] for s in sources]
+
+def _span(vs, fmt='{:.2f}') -> str:
+    "`0.85 to 0.92`, or one value when all round the same"
+    lo, hi = fmt.format(min(vs)), fmt.format(max(vs))
+    return lo if lo == hi else f'{lo} to {hi}'
+
+def bench_summary(res:dict) -> str:
+    """The headline figures of a benchmark run (`fastai-gray bench`'s results.json): its date, machine and duration, and one
+    line per stage it ran, in Markdown. Every number comes from `res`; the landing page and README.md show this."""
+    m, out = res['machine'], []
+    threads = f"{m['torch_threads']} torch thread{'s' * (m['torch_threads'] != 1)}"
+    out.append(f"Its latest {res['mode']} run, on {m['date'][:10]} on a {m['cores']}-core {m['cpu']} ({threads}, load average "
+               f"{m['load_avg'][0]:.1f} at the start), took {res['wall_s'] / 60:.0f} minutes:\n")
+    if 'fidelity' in res:
+        f = res['fidelity']
+        stats = 'ImageNet' if 'ImageNet' in f['results'] else next(iter(f['results']))
+        fid = f['results'][stats]
+        line = (f"- **Fidelity**, {f['n']} gray {f['size']}-px crops of scikit-image's photos, {stats} statistics: the exact stem "
+                f"agrees with the 3-channel model on the gray copied to 3 channels on {fid['exact']['agreement']:.1%} of top-1 classes "
+                f"(largest relative logit error {fid['exact']['max_error']:.1e})")
+        if 'sum' in fid: line += f"; the summed stem with gray normalization on {fid['sum']['agreement']:.1%}"
+        if 'fastai' in fid: line += f", fastai's recipe on {fid['fastai']['agreement']:.1%}"
+        out.append(line + '.')
+    if 'accuracy' in res:
+        a, summ = res['accuracy'], res['accuracy']['summary']
+        out.append(f"- **Accuracy**, scikit-learn's digits at {a['size']} px, `fine_tune({a['epochs']})`, {len(a['seeds'])} "
+                   f"seed{'s' * (len(a['seeds']) != 1)}, mean ± standard deviation: "
+                   + ', '.join(f"{LEARNERS.get(w, w)} {summ[w]['mean']:.1%} ± {summ[w]['sd']:.1%}"
+                               for w in sorted(summ, key=lambda w: -summ[w]['mean'])) + '.')
+    if 'data' in res:
+        d = res['data']
+        table, plain = d['results'], d.get('no_aug', {})
+        jpegs = [(s, k) for s, k in (('jpeg-L', 'gray JPEG'), ('jpeg-RGB', 'color JPEG')) if s in table]
+        pngs = [s for s in table if s.startswith('png')]
+        parts = []
+        if jpegs:
+            part = ("the gray pipeline with `draft` makes " + ' and '.join(f'{r:.2f}x ({k})' for r, (_, k) in
+                    zip(_ratios(table, [s for s, _ in jpegs]), jpegs)) + " the images per second of fastai's 3-channel one")
+            if all(s in plain for s, _ in jpegs):
+                part += ', ' + ' and '.join(f'{r:.2f}x' for r in _ratios(plain, [s for s, _ in jpegs])) + ' without augmentation'
+            parts.append(part)
+        if pngs: parts.append(f"PNG {_span(_ratios(table, pngs), '{:.2f}x')}")
+        first = next(iter(table.values()))
+        parts.append(f"{first['gray']['batch_bytes'] / first['rgb']['batch_bytes']:.2f} of the bytes per batch")
+        out.append(f"- **Data path**, {d['source_size']}-px files to augmented {d['size']}-px batches: " + '; '.join(parts) + '.')
+    if 'e2e' in res:
+        e = res['e2e']
+        runs, base = e['results'], e['results']['rgb']
+        gray = [p for p in runs if p != 'rgb']
+        ratio = lambda task: _span([runs[p][task + '_stats']['median'] / base[task + '_stats']['median'] for p in gray])
+        batches = max(v['train_data_stats']['median'] / v['train_stats']['median'] for v in runs.values())
+        out.append(f"- **End to end**, Lite0 at {e['size']} px on the CPU: a training epoch takes {ratio('train')} of the 3-channel "
+                   f"time and `get_preds` {ratio('preds')}; making the batches is at most {batches:.0%} of a training epoch, the rest "
+                   "is the model.")
+    return '\n'.join(out)
+
+def bench_summary_markdown() -> str:
+    "`bench_summary` of nbs/bench/results.json, or a note saying how to make it"
+    if not BENCH_JSON.exists():
+        return ('*The headline figures of the benchmark appear here once `nbs/bench/results.json` exists: run `make bench` '
+                '(`fastai-gray bench`).*')
+    return bench_summary(json.loads(BENCH_JSON.read_text()))
+
 def bench_fallback() -> str:
     return ('*The benchmark\'s numbers and figures appear here once `nbs/bench/results.md` exists: run `make bench` '
             '(`fastai-gray bench`), then `make docs`.*')
@@ -159,8 +229,8 @@ def landing_page(nb:dict) -> dict:
     "Put the benchmark's results (or a note saying where they will be) in the landing page's marked cell"
     for c in nb['cells']:
         src = _join(c['source'])
-        if c['cell_type'] == 'markdown' and BENCH_MARK in src:
-            c['source'] = src.replace(BENCH_MARK, bench_markdown() or bench_fallback())
+        if c['cell_type'] == 'markdown' and (BENCH_MARK in src or SUMMARY_MARK in src):
+            c['source'] = src.replace(SUMMARY_MARK, bench_summary_markdown()).replace(BENCH_MARK, bench_markdown() or bench_fallback())
     return nb
 
 def sidebar_yml(renames:dict) -> str:
@@ -222,6 +292,7 @@ def render_site() -> float:
 def build():
     t0 = time.time()
     process_notebooks()
+    for run in (p for p in (PROC/'bench').glob('*') if p.is_dir()): shutil.rmtree(run)  # quick/, partial/: not the site's run
     t1 = time.time()
     # smalldocs names a page after its file and Quarto reads `output-file`: name each notebook as its page is named
     nbs = {f.relative_to(PROC).as_posix(): json.loads(f.read_text()) for f in sorted(PROC.rglob('*.ipynb'))}
@@ -258,13 +329,15 @@ def _shown(d:dict) -> bool:
 
 def readme_markdown(index:Path=NBS/'index.ipynb') -> str:
     """README.md from the landing page, as `nbdev_readme` makes it with Quarto: its markdown cells, its shown code cells as
-    Python blocks with their text outputs, links to other pages of the site made absolute, and a link to the benchmark's
-    results in place of them (they change with each run of the benchmark, and README.md should not; the site shows them)"""
+    Python blocks with their text outputs, links to other pages of the site made absolute, the benchmark's headline figures
+    (`bench_summary` of nbs/bench/results.json: `make readme` after each `make bench`, which does it), and a link to its
+    full results in place of them (the site shows them)"""
     nb = json.loads(index.read_text())
     parts = []
     for c in nb['cells']:
         src = _join(c['source']).strip('\n')
         if c['cell_type'] == 'markdown':
+            if SUMMARY_MARK in src: src = src.replace(SUMMARY_MARK, bench_summary_markdown())
             if BENCH_MARK in src:
                 src = src.replace(BENCH_MARK, 'The full tables and plots, with the command, machine and date of the run: '
                                   '[nbs/bench/results.md](nbs/bench/results.md) (`make bench` writes them; the docs site '

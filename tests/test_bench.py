@@ -1,0 +1,102 @@
+"""The benchmark by its role: it stays out of `import fastai_gray`'s path, a missing scikit-image names the `bench` extra,
+the committed results (nbs/bench/) are made from their results.json, and every figure the docs quote from a run is
+checked against results.json (README.md and the landing page make theirs from it: tools/docs.py's `bench_summary`)."""
+import ast, importlib, json, re, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB, BENCH = ROOT/'fastai_gray', ROOT/'nbs'/'bench'
+
+
+def _module_imports(path:Path) -> set:
+    "The modules a file imports when it is imported: its imports outside function bodies, relative ones made absolute"
+    found = set()
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)): continue
+            if isinstance(child, ast.Import): found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = ('fastai_gray.' if child.level else '') + (child.module or '')
+                found.add(base.rstrip('.'))
+                found.update(f'{base}.{a.name}'.replace('..', '.') for a in child.names if child.module is None)
+            visit(child)
+    visit(ast.parse(path.read_text()))
+    return found
+
+def test_the_package_does_not_import_the_benchmark():
+    "No module but bench.py imports fastai_gray.bench or scikit-image when it is imported (the CLI imports bench lazily)"
+    bad = {}
+    for py in sorted(LIB.glob('*.py')):
+        if py.name == 'bench.py': continue
+        mods = {m for m in _module_imports(py) if m in ('fastai_gray.bench', 'skimage') or m.startswith('skimage.')}
+        if mods: bad[py.name] = sorted(mods)
+    assert not bad, f'modules that import the benchmark or its extra: {bad}'
+    assert 'skimage' in _module_imports(LIB/'bench.py') or 'skimage.data' in _module_imports(LIB/'bench.py')
+
+def test_missing_scikit_image_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'skimage', None)  # as if scikit-image were not installed
+    monkeypatch.delitem(sys.modules, 'fastai_gray.bench', raising=False)
+    with pytest.raises(ImportError, match=re.escape('pip install "fastai_gray[bench]"')) as e:
+        importlib.import_module('fastai_gray.bench')
+    assert isinstance(e.value, ModuleNotFoundError) and e.value.name == 'skimage'
+
+@pytest.fixture(scope='module')
+def res(): return json.loads((BENCH/'results.json').read_text())
+
+def test_committed_results_are_made_from_results_json(res):
+    "results.md is `results_markdown` of results.json (rerun `make bench` rather than edit either), its plots exist"
+    from fastai_gray.bench import results_markdown, STAGES
+    assert res['mode'] == 'full' and set(STAGES) <= res.keys(), 'nbs/bench/ holds a full run of every stage'
+    assert (BENCH/'results.md').read_text() == results_markdown(res)
+    assert res['plots'] and all((BENCH/p).is_file() for p in res['plots'])
+
+def test_readme_quotes_results_json(res):
+    "README.md's benchmark lines are tools/docs.py's `bench_summary` of results.json (test_docs checks README.md is rendered)"
+    sys.path.insert(0, str(ROOT/'tools'))
+    try: import docs as docs_tool
+    finally: sys.path.pop(0)
+    summary = docs_tool.bench_summary(res)
+    assert summary in (ROOT/'README.md').read_text()
+    assert f"took {res['wall_s'] / 60:.0f} minutes" in summary and f"{res['accuracy']['summary']['exact']['mean']:.1%}" in summary
+
+def _ratio(table, source, pipeline): return table[source][pipeline]['median'] / table[source]['rgb']['median']
+
+def quoted_figures(res:dict) -> dict:
+    "What nbs/06_bench.ipynb's prose says about the latest full run, made from its results.json: `{what: text}`"
+    d, e, a = res['data'], res['e2e']['results'], res['accuracy']
+    e2e = lambda p, task: e[p][task + '_stats']['median'] / e['rgb'][task + '_stats']['median']
+    model = lambda p: e[p]['preds_stats']['median'] - e[p]['preds_data_stats']['median']
+    acc = a['summary']
+    return {
+        'duration': f"{res['wall_s'] / 60:.0f} minutes on 2 idle cores",
+        'data path, augmented': f"({_ratio(d['results'], 'jpeg-L', 'gray-draft'):.2f}x for gray JPEGs and "
+                                f"{_ratio(d['results'], 'jpeg-RGB', 'gray-draft'):.2f}x for color ones in the latest run",
+        'data path, without aug': f"`gray-draft` is {_ratio(d['no_aug'], 'jpeg-L', 'gray-draft'):.2f}x and "
+                                  f"{_ratio(d['no_aug'], 'jpeg-RGB', 'gray-draft'):.2f}x",
+        'data path, PNG': f"{min(_ratio(d['results'], s, 'gray') for s in ('png-L', 'png-RGB')):.2f}x to "
+                          f"{max(_ratio(d['results'], s, 'gray') for s in ('png-L', 'png-RGB')):.2f}x in the latest run",
+        'training epoch': f"({e2e('gray', 'train'):.2f} and {e2e('gray-draft', 'train'):.2f} in the latest run)",
+        'get_preds': f"({e2e('gray', 'preds'):.2f} for `gray` and {e2e('gray-draft', 'preds'):.2f} for `gray-draft` in the latest)",
+        'batches': f"({e['gray-draft']['preds_data_stats']['median']:.2f} against {e['gray']['preds_data_stats']['median']:.2f} s)",
+        'model part': f"its model part was {model('gray-draft') - model('gray'):.2f} s slower",
+        'runs': f"in every one of {res['e2e']['reps']} runs",
+        'batch size': f"({e['gray']['batch_bytes'] / 2**20:.1f} against {e['rgb']['batch_bytes'] / 2**20:.1f} MB)",
+        'accuracy settings': f"(all {a['n_train'] + a['n_valid']} digits at {a['size']} px, `fine_tune({a['epochs']})`, "
+                             f"{len(a['seeds'])} seeds; {sum(r['seconds'] for r in a['runs']) / 60:.0f} minutes on the idle machine)",
+        'accuracy': ', '.join(f"{w} {acc[k]['mean']:.1%} ± {acc[k]['sd']:.1%}" for k, w in
+                              (('exact', '`exact`'), ('sum', '`sum`'), ('rgb', '`rgb`'), ('fastai', "fastai's `n_in=1`"))),
+        'frozen epoch': '(and after the frozen epoch ' + ', '.join(f"{acc[k]['epoch0_mean']:.1%}" for k in ('exact', 'sum', 'rgb'))
+                        + f" and {acc['fastai']['epoch0_mean']:.1%})",
+    }
+
+def test_bench_page_quotes_results_json(res):
+    "Each figure nbs/06_bench.ipynb's prose quotes from the latest run is what results.json says (after `make bench`, update them)"
+    nb = json.loads((ROOT/'nbs'/'06_bench.ipynb').read_text())
+    prose = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    missing = {what: text for what, text in quoted_figures(res).items() if text not in prose}
+    assert not missing, f'nbs/06_bench.ipynb does not say what nbs/bench/results.json does: {json.dumps(missing, indent=1)}'
+
+def test_makefile_states_the_full_run_duration(res):
+    help_line = next(l for l in (ROOT/'Makefile').read_text().splitlines() if l.startswith('bench:'))
+    assert f"({res['wall_s'] / 60:.0f} minutes on 2 idle cores)" in help_line, help_line
