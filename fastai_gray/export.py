@@ -271,12 +271,14 @@ def model_meta_of(learn) -> dict:
     if not isinstance(learn.loss_func, _LOSSES) or getattr(learn.loss_func, 'axis', -1) != axis:
         raise ValueError(f"export_safe records {what} whose loss applies softmax over the classes ({', '.join(l.__name__ for l in _LOSSES)}"
                          f"{', axis=1' if axis == 1 else ''}); this learner's loss is {type(learn.loss_func).__name__}")
-    target = learn.dls.train_ds.tls[-1].tfms.fs[-1] if hasattr(learn.dls.train_ds, 'tls') else None
+    ys = learn.dls.train_ds.tls[-1] if hasattr(learn.dls.train_ds, 'tls') else None
+    target = ys.tfms.fs[-1] if ys is not None and len(ys.tfms.fs) else None
     if task == 'classify' and not isinstance(target, Categorize):
         raise ValueError("export_safe records single-label classifiers: the target must be a CategoryBlock (Categorize)")
-    if task == 'segment' and not (isinstance(target, MaskOpener) or getattr(target, 'name', None) == 'PILMask.create'):
-        raise ValueError(f"export_safe records U-Nets whose target is a mask (GrayMaskBlock or MaskBlock); this learner's is read by "
-                         f"{_name(target) if target is not None else 'nothing'}")
+    made = (getattr(ys, 'types', None) or [None])[-1]  # what the target's type transforms make, found at setup
+    if task == 'segment' and not (isinstance(made, type) and issubclass(made, PILMask)):
+        raise ValueError(f"export_safe records U-Nets whose target is a mask (GrayMaskBlock or MaskBlock, a PILMask); this learner's "
+                         f"target is {getattr(made, '__name__', made)}, read by {_name(target) if target is not None else 'nothing'}")
     if task == 'segment' and not cfg.get('rebuildable'):
         bad = [k for k in _UNET_FIELDS if cfg.get(k) is None and k not in ('cut', 'y_range', 'norm_type')]
         raise ValueError(f"export_safe records the U-Net settings by value; this learner's {', '.join(bad) or 'cut or model kwargs'} "

@@ -70,7 +70,10 @@ def _encoder(arch, pretrained, weights, cut, kwargs):
 
 # %% ../nbs/04b_unet.ipynb #354c6186
 def _mask_name(ys, i, y):
-    return getattr(y, '_mask_source', None) or f"of item {ys.items[i]!r}"
+    "How an error names mask `y`, item `i` of `ys`: its file, else its item (a DataFrame's row by position)"
+    if getattr(y, '_mask_source', None): return y._mask_source
+    item = ys.items.iloc[i] if hasattr(ys.items, 'iloc') else ys.items[i]
+    return f"of item {item.to_dict() if hasattr(item, 'to_dict') else item!r}"
 
 def check_dls_masks(dls, n_out:int):
     "Load every target mask of `dls`'s training and validation sets once: a `ValueError` naming the first mask with a label outside `range(n_out)`"

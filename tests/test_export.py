@@ -329,11 +329,11 @@ def seg_data(tmp_path_factory):
     return root, images, masks, codes, valid
 
 
-def _seg_dls(seg_data, codes='data', size=(36, 44)):
+def _seg_dls(seg_data, codes='data', size=(36, 44), mask_block=GrayMaskBlock):
     "DataLoaders of the digits and their masks, squished to a non-square `size`"
     import pandas as pd
     _, images, masks, data_codes, valid = seg_data
-    block = GrayMaskBlock(data_codes if codes == 'data' else codes)
+    block = mask_block(data_codes if codes == 'data' else codes)
     return _DataBlock(blocks=(GrayImageBlock, block), get_x=ColReader('image'), get_y=ColReader('mask'), splitter=IndexSplitter(valid),
                       item_tfms=Resize(size, method='squish')).dataloaders(pd.DataFrame(dict(image=images, mask=masks)), bs=4, num_workers=0)
 
@@ -468,10 +468,16 @@ def test_segment_export_errors(seg_data, tmp_path):
     assert not (tmp_path/'x.safetensors').exists()
 
 
-def test_segment_codes_from_block(seg_data, seg_file, tmp_path):
-    "Without dls.vocab the codes come from the mask block (GrayMaskBlock(codes))"
-    learn = gray_unet_learner(_seg_dls(seg_data, codes=['bg', 'fg']), resnet18, pretrained=False, cut=-4, path=tmp_path)
-    assert read_model_meta(learn.export_safe('c.safetensors'))['codes'] == ['bg', 'fg']
+@pytest.mark.parametrize('block', ['gray', 'fastai'])
+def test_segment_codes_from_block(block, seg_data, tmp_path):
+    "Without dls.vocab the codes come from the mask block: GrayMaskBlock(codes) or fastai's MaskBlock(codes)"
+    from fastai.vision.all import MaskBlock
+    dls = _seg_dls(seg_data, codes=['bg', 'fg'], mask_block=GrayMaskBlock if block == 'gray' else MaskBlock)
+    learn = gray_unet_learner(dls, resnet18, pretrained=False, cut=-4, path=tmp_path)
+    fn = learn.export_safe('c.safetensors')
+    assert read_model_meta(fn)['codes'] == ['bg', 'fg']
+    files = seg_data[1][:3]
+    torch.testing.assert_close(_preds(load_learner_safe(fn), files), _preds(learn, files), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
