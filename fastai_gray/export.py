@@ -33,6 +33,7 @@ from .stem import update_first_layer
 from .learner import _NO_STATS, _normalize_of, _stats_of, _split_or_default
 from .masks import MaskOpener, MaskSizeCheck
 from .unet import UNET_ACTIVATIONS, rebuild_unet
+from .train import class_names
 
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'PICKLE_RISK', 'ModelFileError', 'PickleRefusedError', 'check_model_meta',
@@ -251,11 +252,9 @@ _LOSSES = (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, FocalLossFlat) 
 
 def _listed(v): return [_listed(o) for o in v] if isinstance(v, (list, tuple)) else v
 
-def _labels_of(dls, task:str) -> list:
-    "The class names of `dls`: its vocab, or for masks the codes (`dls.vocab`, else the mask block's `AddMaskCodes`)"
-    vocab = getattr(dls, 'vocab', None)
-    if task == 'segment' and vocab is None:
-        vocab = next((t.codes for t in dls.valid.after_item.fs if isinstance(t, AddMaskCodes) and t.codes is not None), None)
+def _labels_of(learn, task:str) -> list:
+    "The class names of `learn`: its vocab, or for a U-Net the codes (`dls.vocab`, else the mask block's); a `ValueError` when it has none"
+    vocab = class_names(learn)
     if vocab is None:
         raise ValueError(f"export_safe records the {'codes' if task == 'segment' else 'vocab'} of the learner; these DataLoaders have none "
                          f"({'set dls.vocab = codes, or give GrayMaskBlock(codes)' if task == 'segment' else 'use a CategoryBlock'})")
@@ -291,7 +290,7 @@ def model_meta_of(learn) -> dict:
                 stats=None if cfg['stats'] is None else _listed(check_stats(cfg['stats'])),
                 input_stats=_listed(check_stats(cfg['input_stats'], 1, 'input_stats')), input_norm=norm,
                 model={k: _listed(cfg[k]) for k in fields}, input={**_reading(learn.dls), **_resizing(learn.dls), 'affine': affine},
-                **{labels: [_json_label(v) for v in _labels_of(learn.dls, task)]})
+                **{labels: [_json_label(v) for v in _labels_of(learn, task)]})
     meta['input'] = {k: _listed(v) for k, v in meta['input'].items()}
     try: return check_model_meta(json.loads(json.dumps(meta)), 'export_safe')
     except ModelFileError as e: raise ValueError(f"{e} (from this learner's settings)") from None
