@@ -6,18 +6,23 @@ Docs: https://fastai-gray.github.io/fastai_gray/export.html.md"""
 
 # %% ../nbs/08_export.ipynb #68908fbe
 from __future__ import annotations
-import json, math, os, re, struct, warnings
+import json, math, os, re, struct, types, warnings
+from functools import partial
 from copy import deepcopy
 from pathlib import Path
 import torch
 from torch import nn
+import torch.nn.functional as F
 from fastcore.basics import patch
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, FocalLossFlat
-from fastai.torch_core import default_device, TensorCategory
+from fastai.torch_core import default_device, TensorCategory, TensorMask
+from fastai.layers import NormType
 from fastai.data.core import Datasets, DataLoaders, TfmdDL
 from fastai.data.transforms import Categorize, IntToFloatTensor, Normalize, ToTensor
 from fastai.vision.augment import Resize, RandTransform, AffineCoordTfm
+from fastai.vision.core import PILMask, AddMaskCodes
+from fastai.vision.models.unet import DynamicUnet, UnetBlock, ResizeToOrig
 from fastai.vision.learner import create_vision_model, create_timm_model, model_meta, default_split, TimmBody, _default_meta
 from PIL import Image
 from . import __version__
@@ -25,7 +30,10 @@ from .core import check_stats
 from .data import PILImageGray, TensorImageGray, _GrayOpener, _gray_settings
 from .dicom import WINDOWS
 from .stem import update_first_layer
-from .learner import _NO_STATS, _normalize_of, _stats_of
+from .learner import _NO_STATS, _normalize_of, _stats_of, _split_or_default
+from .masks import MaskOpener, MaskSizeCheck
+from .unet import UNET_ACTIVATIONS, rebuild_unet
+from .train import class_names
 
 # %% auto #0
 __all__ = ['MODEL_FORMAT', 'MODEL_FORMAT_VERSION', 'PICKLE_RISK', 'ModelFileError', 'PickleRefusedError', 'check_model_meta',
@@ -71,6 +79,18 @@ _MODEL_FIELDS = dict(  # the head settings of `gray_learner` that change the mod
     ps=(lambda v: _is_num(v) or (isinstance(v, list) and len(v) <= 64 and all(map(_is_num, v))), 'a number or a list of at most 64 numbers'),
     first_bn=(_is_bool, 'true or false'), bn_final=(_is_bool, 'true or false'), lin_first=(_is_bool, 'true or false'),
     y_range=(_or_none(_pair(_is_num)), 'null or [low, high]'))
+_MODEL_KWARGS = dict(drop_rate=(lambda v: _is_num(v) and 0 <= v < 1, 'a number in [0, 1)'),  # timm encoder kwargs a U-Net file may hold
+                     drop_path_rate=(lambda v: _is_num(v) and 0 <= v < 1, 'a number in [0, 1)'))
+def _model_kwargs(v):
+    "Check of the recorded `model_kwargs`: an object with some of `_MODEL_KWARGS`, each valid"
+    return isinstance(v, dict) and all(k in _MODEL_KWARGS and _MODEL_KWARGS[k][0](o) for k, o in v.items())
+_UNET_FIELDS = dict(  # the settings of `gray_unet_learner` that change the U-Net's structure
+    cut=(_or_none(_is_int), 'null or an int'), img_size=(_pair(_count), f'[height, width] in 1..{_BIG}'),
+    blur=(_is_bool, 'true or false'), blur_final=(_is_bool, 'true or false'), self_attention=(_is_bool, 'true or false'),
+    y_range=(_or_none(_pair(_is_num)), 'null or [low, high]'), last_cross=(_is_bool, 'true or false'), bottle=(_is_bool, 'true or false'),
+    act_cls=(_one_of(*UNET_ACTIVATIONS), f"one of {', '.join(map(repr, UNET_ACTIVATIONS))} (torch.nn activations, by name)"),
+    norm_type=(_or_none(_one_of(*NormType.__members__)), f"null or one of {', '.join(map(repr, NormType.__members__))} (fastai's NormType)"),
+    model_kwargs=(_model_kwargs, f"an object with at most {', '.join(_MODEL_KWARGS)} (numbers in [0, 1))"))
 _AFFINE_FIELDS = dict(  # a batch `AffineCoordTfm` (aug_transforms): at inference, an identity resample to `size`
     size=(_or_none(_pair(_count)), f'null or [height, width] in 1..{_BIG}'),
     mode=(_one_of('bilinear', 'nearest', 'bicubic'), '"bilinear", "nearest" or "bicubic"'),
@@ -103,7 +123,8 @@ _FIELDS = dict(
     model=(_MODEL_FIELDS, 'the head settings'),
     input=(_INPUT_FIELDS, 'the input settings'))
 _TASK_FIELDS = dict(classify=dict(vocab=(_labels, 'a list of distinct strings or numbers, one per output')),
-                    segment=dict(codes=(_labels, 'a list of distinct strings or numbers, one per output')))
+                    segment=dict(model=(_UNET_FIELDS, 'the U-Net settings'),  # in place of the head settings
+                                 codes=(_labels, 'a list of distinct strings or numbers, one per output')))
 
 # %% ../nbs/08_export.ipynb #c2e4f9af
 def _check_fields(d, fields:dict, where:str, src:str):
@@ -149,7 +170,7 @@ def _arch(name:str, source:str, src:str='model file'):
 def _arch_name(learn) -> tuple:
     "`(name, source)` of the arch of gray `learn`, or a `ValueError` when it has no name to rebuild it from"
     name = learn.gray_config.get('arch')
-    source = 'timm' if isinstance(learn.model[0], TimmBody) else 'fastai'
+    source = 'timm' if isinstance(learn.model[0], TimmBody) or isinstance(getattr(learn, 'arch', None), str) else 'fastai'  # a U-Net's timm encoder is a Sequential
     if name is None or not _is_arch_name(name):
         raise ValueError(f"export_safe records the arch by name: a fastai model_meta arch or a timm model name; this learner's "
                          f"arch is a custom callable ({getattr(learn, 'arch', None)!r}), which a model file cannot name")
@@ -158,8 +179,10 @@ def _arch_name(learn) -> tuple:
 
 def _rebuild_model(meta:dict) -> nn.Module:
     "The model `meta` describes, built with `pretrained=False` (nothing downloaded) and its stem converted as `gray_learner` does"
-    if meta['task'] != 'classify': raise NotImplementedError("fastai_gray model files of task 'segment' need gray_unet_learner, not in this version")
     arch, m = _arch(meta['arch'], meta['arch_source']), dict(meta['model'])
+    if meta['task'] == 'segment':  # act_cls and norm_type are names looked up in unet.py's closed lists
+        if m['y_range'] is not None: m['y_range'] = tuple(m['y_range'])
+        return rebuild_unet(arch, meta['n_out'], init=meta['init'], stats=meta['stats'], input_stats=meta['input_stats'], **m)
     del m['cut']  # `gray_learner` builds with the arch's default cut
     if isinstance(m['y_range'], list): m['y_range'] = tuple(m['y_range'])
     if meta['arch_source'] == 'timm': model, _ = create_timm_model(arch, meta['n_out'], default_split, False, **m)
@@ -187,6 +210,7 @@ def _resizing(dls) -> dict:
     res = dict(size=None, method='crop', pad_mode='reflection', resamples=[int(Image.Resampling.BILINEAR), int(Image.Resampling.NEAREST)])
     for t in dls.valid.after_item.fs:
         if isinstance(t, ToTensor) or (isinstance(t, RandTransform) and t.split_idx == 0): continue  # training-only: not applied at inference
+        if type(t) in (AddMaskCodes, MaskSizeCheck): continue  # the mask block's: nothing done to an image
         if type(t) is not Resize or res['size'] is not None:
             raise ValueError(f"export_safe records one item Resize (and training-only augmentations); these DataLoaders have the item "
                              f"transform {_name(t)}, which a model file cannot describe")
@@ -228,24 +252,45 @@ _LOSSES = (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, FocalLossFlat) 
 
 def _listed(v): return [_listed(o) for o in v] if isinstance(v, (list, tuple)) else v
 
+def _labels_of(learn, task:str) -> list:
+    "The class names of `learn`: its vocab, or for a U-Net the codes (`dls.vocab`, else the mask block's); a `ValueError` when it has none"
+    vocab = class_names(learn)
+    if vocab is None:
+        raise ValueError(f"export_safe records the {'codes' if task == 'segment' else 'vocab'} of the learner; these DataLoaders have none "
+                         f"({'set dls.vocab = codes, or give GrayMaskBlock(codes)' if task == 'segment' else 'use a CategoryBlock'})")
+    return list(vocab)
+
 def model_meta_of(learn) -> dict:
     "The metadata `export_safe` writes for gray `learn`, checked like a file's; a `ValueError` naming what cannot be recorded"
     cfg = getattr(learn, 'gray_config', None)
     if not isinstance(cfg, dict): raise ValueError("export_safe needs a learner made by gray_learner (it records learn.gray_config)")
-    if cfg['task'] != 'classify': raise NotImplementedError(f"export_safe of task {cfg['task']!r} is not in this version; 'classify' is")
-    if not isinstance(learn.loss_func, _LOSSES) or getattr(learn.loss_func, 'axis', -1) != -1:
-        raise ValueError(f"export_safe records classifiers whose loss applies softmax over the classes ({', '.join(l.__name__ for l in _LOSSES)}); "
-                         f"this learner's loss is {type(learn.loss_func).__name__}")
-    if not isinstance(learn.dls.train_ds.tls[-1].tfms.fs[-1] if hasattr(learn.dls.train_ds, 'tls') else None, Categorize):
+    task = cfg['task']
+    if task not in _TASK_FIELDS: raise ValueError(f"export_safe records the tasks {list(_TASK_FIELDS)}; this learner's is {task!r}")
+    axis, what = (-1, 'classifiers') if task == 'classify' else (1, 'U-Nets')
+    if not isinstance(learn.loss_func, _LOSSES) or getattr(learn.loss_func, 'axis', -1) != axis:
+        raise ValueError(f"export_safe records {what} whose loss applies softmax over the classes ({', '.join(l.__name__ for l in _LOSSES)}"
+                         f"{', axis=1' if axis == 1 else ''}); this learner's loss is {type(learn.loss_func).__name__}")
+    ys = learn.dls.train_ds.tls[-1] if hasattr(learn.dls.train_ds, 'tls') else None
+    target = ys.tfms.fs[-1] if ys is not None and len(ys.tfms.fs) else None
+    if task == 'classify' and not isinstance(target, Categorize):
         raise ValueError("export_safe records single-label classifiers: the target must be a CategoryBlock (Categorize)")
+    made = (getattr(ys, 'types', None) or [None])[-1]  # what the target's type transforms make, found at setup
+    if task == 'segment' and not (isinstance(made, type) and issubclass(made, PILMask)):
+        raise ValueError(f"export_safe records U-Nets whose target is a mask (GrayMaskBlock or MaskBlock, a PILMask); this learner's "
+                         f"target is {getattr(made, '__name__', made)}, read by {_name(target) if target is not None else 'nothing'}")
+    if task == 'segment' and not cfg.get('rebuildable'):
+        bad = [k for k in _UNET_FIELDS if cfg.get(k) is None and k not in ('cut', 'y_range', 'norm_type')]
+        raise ValueError(f"export_safe records the U-Net settings by value; this learner's {', '.join(bad) or 'cut or model kwargs'} "
+                         f"{'is' if len(bad) < 2 else 'are'} a custom object (a class or function), which a model file cannot name")
     arch, source = _arch_name(learn)
     affine, norm = _batch_settings(learn.dls)
-    meta = dict(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION, package_version=__version__, task='classify', arch=arch,
+    fields, labels = (_MODEL_FIELDS, 'vocab') if task == 'classify' else (_UNET_FIELDS, 'codes')
+    meta = dict(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION, package_version=__version__, task=task, arch=arch,
                 arch_source=source, n_out=cfg['n_out'], init=cfg['init'], normalize=bool(cfg['normalize']),
                 stats=None if cfg['stats'] is None else _listed(check_stats(cfg['stats'])),
                 input_stats=_listed(check_stats(cfg['input_stats'], 1, 'input_stats')), input_norm=norm,
-                model={k: _listed(cfg[k]) for k in _MODEL_FIELDS}, input={**_reading(learn.dls), **_resizing(learn.dls), 'affine': affine},
-                vocab=[_json_label(v) for v in learn.dls.vocab])
+                model={k: _listed(cfg[k]) for k in fields}, input={**_reading(learn.dls), **_resizing(learn.dls), 'affine': affine},
+                **{labels: [_json_label(v) for v in _labels_of(learn, task)]})
     meta['input'] = {k: _listed(v) for k, v in meta['input'].items()}
     try: return check_model_meta(json.loads(json.dumps(meta)), 'export_safe')
     except ModelFileError as e: raise ValueError(f"{e} (from this learner's settings)") from None
@@ -317,7 +362,7 @@ _CHANGED = ("the model rebuilt from the recorded settings ({meta[arch_source]} {
 @torch.no_grad()
 def _same_outputs(model, other, meta:dict):
     "Raise unless `other` (rebuilt from `meta`) computes what `model` computes on a random batch; `model`'s mode is kept"
-    size = meta['input']['size'] or [64, 64]
+    size = meta['input']['size'] or (meta['model']['img_size'] if meta['task'] == 'segment' else [64, 64])
     p = next(model.parameters())
     x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
     training = model.training
@@ -352,16 +397,21 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
     i = meta['input']
     draft, window = (tuple(v) if isinstance(v, list) else v for v in (i['draft'], i['window']))
     opener = _GrayOpener(**_gray_settings(background=i['background'], draft=draft, window=window, frame=i['frame']))  # reads whatever `gray_image` reads: path, bytes, PIL image, array, tensor
-    dsets = Datasets([], [[opener], [Categorize(vocab=meta['vocab'], sort=False)]], splits=([], []), do_setup=False)
-    dsets.tls[0].types, dsets.tls[1].types = [opener.input_types, PILImageGray], [object, TensorCategory]  # what setup finds from items
+    segment = meta['task'] == 'segment'
+    target = MaskOpener(len(meta['codes'])) if segment else Categorize(vocab=meta['vocab'], sort=False)  # never run: no targets at inference
+    dsets = Datasets([], [[opener], [target]], splits=([], []), do_setup=False)
+    dsets.tls[0].types, dsets.tls[1].types = [opener.input_types, PILImageGray], [object, PILMask if segment else TensorCategory]  # what setup finds from items
     after_item = [Resize(tuple(i['size']), i['method'], i['pad_mode'], tuple(i['resamples']))] if i['size'] else []
+    if segment: after_item.append(AddMaskCodes(meta['codes']))  # decoded masks carry their codes, as with the mask block
     a = i['affine']  # what the learner's AffineCoordTfm (aug_transforms) does at inference: an identity resample
     after_batch = [IntToFloatTensor()] + ([Normalize.from_stats(*meta['input_norm'], cuda=False)] if meta['input_norm'] else []) + (
         [AffineCoordTfm(size=tuple(a['size']) if a['size'] else None, mode=a['mode'], pad_mode=a['pad_mode'], align_corners=a['align_corners'])] if a else [])
     train = TfmdDL(dsets.subset(0), bs=bs, after_item=after_item + [ToTensor()], after_batch=after_batch,
                    device=device or torch.device('cpu'), num_workers=0)
-    train._n_inp, train._types = 1, {tuple: [TensorImageGray, TensorCategory]}  # what a first batch would show
-    return DataLoaders(train, train.new(dsets.subset(1))).to(device or torch.device('cpu'))  # `to` moves Normalize's stats too
+    train._n_inp, train._types = 1, {tuple: [TensorImageGray, TensorMask if segment else TensorCategory]}  # what a first batch would show
+    dls = DataLoaders(train, train.new(dsets.subset(1))).to(device or torch.device('cpu'))  # `to` moves Normalize's stats too
+    if segment: dls.vocab = meta['codes']  # as `train_gray` and fastai's SegmentationDataLoaders
+    return dls
 
 def load_learner_safe(fname, cpu:bool=True) -> Learner:
     "The gray `Learner` in the safetensors file `fname`, every field and tensor checked first; nothing in the file is run or downloaded"
@@ -377,8 +427,10 @@ def load_learner_safe(fname, cpu:bool=True) -> Learner:
     model.load_state_dict(state, strict=True)
     device = torch.device('cpu') if cpu else default_device()
     dls = _gray_dls(meta, device=device)
-    learn = Learner(dls, model.to(device).eval(), loss_func=CrossEntropyLossFlat(),
-                    splitter=model_meta.get(_arch(meta['arch'], meta['arch_source']), _default_meta)['split'])
+    split = model_meta.get(_arch(meta['arch'], meta['arch_source']), _default_meta)['split']
+    segment = meta['task'] == 'segment'
+    learn = Learner(dls, model.to(device).eval(), loss_func=CrossEntropyLossFlat(axis=1 if segment else -1),
+                    splitter=partial(_split_or_default, split) if segment and meta['model']['cut'] is not None else split)
     learn.gray_config = dict(task=meta['task'], arch=meta['arch'], n_out=meta['n_out'], init=meta['init'], normalize=meta['normalize'],
                              stats=meta['stats'], input_stats=meta['input_stats'], **meta['model'])
     return learn
@@ -409,6 +461,21 @@ class NormalizedGray(nn.Module):
         self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 1))
     def forward(self, x): return self.model((x - self.mean) / self.std)
 
+def _resize_always(self, up_in):
+    "`UnetBlock.forward`, resizing the upsampled map to the skip connection's size always (nearest, exact when they match): for any input size"
+    s = self.hook.stored
+    up_out = F.interpolate(self.shuf(up_in), s.shape[-2:], mode='nearest')
+    return self.conv2(self.conv1(self.relu(torch.cat([up_out, self.bn(s)], dim=1))))
+
+def _resize_to_orig_always(self, x): return F.interpolate(x, x.orig.shape[-2:], mode=self.mode)
+
+def _traceable(model:nn.Module) -> nn.Module:
+    "`model` (a copy) made traceable at one size for all: a U-Net's size tests in Python become resizes in the graph"
+    for m in model.modules():
+        if isinstance(m, UnetBlock): m.forward = types.MethodType(_resize_always, m)
+        elif isinstance(m, ResizeToOrig): m.forward = types.MethodType(_resize_to_orig_always, m)
+    return model
+
 def _onnx_modules():
     "`(onnx, onnxruntime)`, or an error that names the extra to install"
     try: import onnx, onnxruntime
@@ -431,11 +498,16 @@ def _check_onnx(net, path:Path, sizes, tol:float=1e-4):
         if not err <= tol: raise RuntimeError(f"the ONNX graph of {path} differs from the model by {err:.2g} (relative) at {h}x{w} px")
 
 def export_onnx(learn:Learner, fname, opset:int|None=None) -> Path:
-    "Write gray `learn`'s model with its normalization to the ONNX file `fname`: images N x 1 x H x W in 0..1 in, logits out; dynamic N, H, W"
+    "Write gray `learn`'s model with its normalization to the ONNX file `fname`: images N x 1 x H x W in 0..1 in, logits (N x classes, or N x codes x H x W for a U-Net) out; dynamic N, H, W"
     meta = model_meta_of(learn)
     onnx, _ = _onnx_modules()
-    net = NormalizedGray(deepcopy(learn.model).float().cpu().eval(), meta['input_norm']).eval()
-    size = meta['input']['size'] or [64, 64]
+    if meta['task'] == 'segment':  # a fresh U-Net with the learner's weights: its encoder hooks are its own
+        model = _rebuild_model(meta)
+        model.load_state_dict({k: v.detach().cpu() for k, v in learn.model.state_dict().items()})
+        model = _traceable(model)
+    else: model = deepcopy(learn.model)
+    net = NormalizedGray(model.float().cpu().eval(), meta['input_norm']).eval()
+    size = meta['input']['size'] or (meta['model']['img_size'] if meta['task'] == 'segment' else [64, 64])
     path = Path(fname)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')

@@ -20,12 +20,13 @@ from fastai.optimizer import Adam
 from fastai.vision.core import PILMask
 from fastai.vision.learner import model_meta, _default_meta, create_body, cut_model
 from fastai.vision.models.unet import DynamicUnet
-from .learner import _check_gray_args, _gray_channels, _convert_input, _gray_config, _gray_learner_of, _NOT_STRUCTURE
+from .learner import _check_gray_args, _gray_channels, _convert_input, _gray_config, _gray_learner_of, _NOT_STRUCTURE, _NO_STATS
 from .masks import check_mask_values
+from .stem import update_first_layer
 from .weights import timm_offline_kwargs
 
 # %% auto #0
-__all__ = ['timm_encoder', 'check_dls_masks', 'gray_unet_learner']
+__all__ = ['UNET_ACTIVATIONS', 'timm_encoder', 'check_dls_masks', 'gray_unet_learner', 'rebuild_unet']
 
 # %% ../nbs/04b_unet.ipynb #b0ac0d24
 def timm_encoder(arch:str, pretrained:bool=True, **kwargs) -> nn.Sequential:
@@ -69,7 +70,10 @@ def _encoder(arch, pretrained, weights, cut, kwargs):
 
 # %% ../nbs/04b_unet.ipynb #354c6186
 def _mask_name(ys, i, y):
-    return getattr(y, '_mask_source', None) or f"of item {ys.items[i]!r}"
+    "How an error names mask `y`, item `i` of `ys`: its file, else its item (a DataFrame's row by position)"
+    if getattr(y, '_mask_source', None): return y._mask_source
+    item = ys.items.iloc[i] if hasattr(ys.items, 'iloc') else ys.items[i]
+    return f"of item {item.to_dict() if hasattr(item, 'to_dict') else item!r}"
 
 def check_dls_masks(dls, n_out:int):
     "Load every target mask of `dls`'s training and validation sets once: a `ValueError` naming the first mask with a label outside `range(n_out)`"
@@ -82,11 +86,18 @@ def check_dls_masks(dls, n_out:int):
             if isinstance(y, (PILMask, TensorMask)): check_mask_values(np.asarray(y), n_out, _mask_name(ys, i, y))
 
 # %% ../nbs/04b_unet.ipynb #0a3b597d
+UNET_ACTIVATIONS = {c.__name__: c for c in (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                                               nn.Hardswish, nn.Tanh, nn.Sigmoid)}  # the `act_cls` a model file can name
+
 def _name_of(v):
     "An activation class or `NormType` by name, for `gray_config`; anything else as it is"
     if isinstance(v, NormType): return v.name
     if isinstance(v, type) and getattr(nn, v.__name__, None) is v: return v.__name__
     return v
+
+def _unet_of(arch, encoder, n_out, img_size, head_init, unet_args, kwargs) -> DynamicUnet:
+    "The 1-channel `DynamicUnet` on the converted `encoder`; `kwargs` go to the U-Net for a torchvision arch (timm's went to the encoder)"
+    return DynamicUnet(encoder, n_out, tuple(img_size), init=head_init, **unet_args, **({} if isinstance(arch, str) else kwargs))
 
 @delegates(DynamicUnet.__init__, but=['init', 'encoder', 'n_out', 'img_size'])
 def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, init='exact', stats=None, config=None,
@@ -106,13 +117,12 @@ def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, we
     channels = _gray_channels(dls, 'gray_unet_learner')
     if check_masks: check_dls_masks(dls, n_out)
     timm_kwargs = kwargs if isinstance(arch, str) else {}
-    unet_kwargs = {} if isinstance(arch, str) else kwargs
     encoder, arch_stats = _encoder(arch, pretrained, weights, cut, timm_kwargs)
     stats, input_stats, gray_cbs = _convert_input(encoder, dls, channels, arch_stats, stats, normalize, pretrained, init)
     img_size = tuple(dls.one_batch()[0].shape[-2:])
     unet_args = dict(blur=blur, blur_final=blur_final, self_attention=self_attention, y_range=y_range, last_cross=last_cross,
                      bottle=bottle, act_cls=act_cls, norm_type=norm_type)
-    model = DynamicUnet(encoder, n_out, img_size, init=head_init, **unet_args, **unet_kwargs)
+    model = _unet_of(arch, encoder, n_out, img_size, head_init, unet_args, kwargs)
     learn = _gray_learner_of(dls, model, arch, cut, splitter, cbs, gray_cbs, pretrained, loss_func=loss_func, opt_func=opt_func,
                              lr=lr, metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias,
                              train_bn=train_bn, moms=moms)
@@ -121,3 +131,17 @@ def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, we
     learn.gray_config = _gray_config('segment', arch, n_out, init, normalize, pretrained, stats, input_stats, img_size=list(img_size),
                                      cut=cut, **unet_args, model_kwargs={k: v for k, v in kwargs.items() if k not in _NOT_STRUCTURE})
     return learn
+
+# %% ../nbs/04b_unet.ipynb #5e1c0a7d
+def rebuild_unet(arch, n_out:int, img_size, init:str='exact', stats=None, input_stats=([0.], [1.]), cut=None,
+                 act_cls:str='ReLU', norm_type:str|None=None, model_kwargs:dict|None=None, **unet_args) -> DynamicUnet:
+    "The U-Net `gray_unet_learner` builds from these recorded settings (`learn.gray_config`'s), with `pretrained=False`: the same structure, untrained; `act_cls`, `norm_type` by name"
+    if act_cls not in UNET_ACTIVATIONS: raise ValueError(f"unknown act_cls {act_cls!r}; expected one of {list(UNET_ACTIVATIONS)}")
+    if norm_type is not None and norm_type not in NormType.__members__:
+        raise ValueError(f"unknown norm_type {norm_type!r}; expected None or one of {list(NormType.__members__)}")
+    kwargs = dict(model_kwargs or {})
+    encoder, _ = _encoder(arch, False, None, cut, kwargs if isinstance(arch, str) else {})
+    update_first_layer(encoder, 1, False, init, ifnone(stats, _NO_STATS), input_stats)
+    unet_args.update(act_cls=UNET_ACTIVATIONS[act_cls], norm_type=None if norm_type is None else NormType[norm_type])
+    return _unet_of(arch, encoder, n_out, img_size, nn.init.kaiming_normal_, unet_args, kwargs)
+

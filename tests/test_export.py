@@ -90,7 +90,7 @@ def test_round_trip(name, request, folder, tmp_path):
 
 def test_recorded_settings(lite0_file, tmp_path):
     meta = read_model_meta(lite0_file)
-    assert meta['input'] == dict(background=0.5, draft=None, window=[30000., 60000.], size=[28, 20], method='pad',
+    assert meta['input'] == dict(background=0.5, draft=None, window=[30000., 60000.], frame=None, size=[28, 20], method='pad',
                                  pad_mode='zeros', resamples=[2, 0], affine=None)
     assert meta['arch'] == 'tf_efficientnet_lite0' and meta['arch_source'] == 'timm' and meta['init'] == 'exact'
     assert meta['input_norm'] == [[0.5], [0.5]]
@@ -310,3 +310,192 @@ def test_onnx_extra_missing(lite0, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'onnx', None)
     with pytest.raises(ModuleNotFoundError, match=r'fastai_gray\[onnx\]'): export_onnx(lite0, tmp_path/'x.onnx')
     assert not (tmp_path/'x.onnx').exists()
+
+
+# ---- segmentation: U-Nets ----------------------------------------------------------------------------------------
+
+from fastai.vision.all import ColReader, DataBlock as _DataBlock, IndexSplitter, TensorMask, CrossEntropyLossFlat
+from fastai_gray.datasets import digits_segmentation_dataset, segmentation_items
+from fastai_gray.masks import GrayMaskBlock
+from fastai_gray.unet import gray_unet_learner
+from fastai_gray.train import predict_files, train_gray
+
+
+@pytest.fixture(scope='module')
+def seg_data(tmp_path_factory):
+    "16 digit images of 40x40 px and their 0/1 masks, with codes"
+    root = digits_segmentation_dataset(tmp_path_factory.mktemp('seg')/'digits', n=16, size=40)
+    images, masks, codes, valid = segmentation_items(root)
+    return root, images, masks, codes, valid
+
+
+def _seg_dls(seg_data, codes='data', size=(36, 44), mask_block=GrayMaskBlock):
+    "DataLoaders of the digits and their masks, squished to a non-square `size`"
+    import pandas as pd
+    _, images, masks, data_codes, valid = seg_data
+    block = mask_block(data_codes if codes == 'data' else codes)
+    return _DataBlock(blocks=(GrayImageBlock, block), get_x=ColReader('image'), get_y=ColReader('mask'), splitter=IndexSplitter(valid),
+                      item_tfms=Resize(size, method='squish')).dataloaders(pd.DataFrame(dict(image=images, mask=masks)), bs=4, num_workers=0)
+
+
+@pytest.fixture(scope='module')
+def seg_resnet(seg_data, tmp_path_factory):
+    "A small U-Net: torchvision resnet18 (pretrained=False) up to layer2"
+    set_seed(3)
+    return gray_unet_learner(_seg_dls(seg_data), resnet18, pretrained=False, cut=-4, path=tmp_path_factory.mktemp('seg_resnet'))
+
+
+@pytest.fixture(scope='module')
+def seg_lite0(seg_data, tmp_path_factory):
+    "A U-Net on the real Lite0 with its packaged ImageNet weights, self-attention and SiLU in the decoder"
+    set_seed(4)
+    return gray_unet_learner(_seg_dls(seg_data), 'tf_efficientnet_lite0', self_attention=True, act_cls=nn.SiLU,
+                             path=tmp_path_factory.mktemp('seg_lite0'))
+
+
+@pytest.fixture(scope='module')
+def seg_file(seg_resnet): return seg_resnet.export_safe('seg.safetensors')
+
+
+def _same_masks(a, b):
+    "Whether two `predict_files` frames hold the same files, no errors, and equal masks"
+    return (list(a['file']) == list(b['file']) and a['error'].isna().all() and b['error'].isna().all()
+            and all(x.shape == y.shape and (x == y).all() for x, y in zip(a['mask'], b['mask'])))
+
+
+def _check_seg_round_trip(learn, fn, files):
+    "The learner in model file `fn` predicts what `learn` predicts: get_preds, predict of any input, predict_files' masks"
+    safe, codes = load_learner_safe(fn), read_model_meta(fn)['codes']
+    assert list(safe.dls.vocab) == codes and safe.gray_config['task'] == 'segment'
+    want = _preds(learn, files)
+    assert want.shape == (len(files), len(codes), 36, 44)
+    torch.testing.assert_close(_preds(safe, files), want, rtol=0, atol=1e-5)
+    arr = np.asarray(Image.open(files[0]))
+    with learn.no_bar(), safe.no_bar():
+        for item in (str(files[0]), Path(files[0]), Image.open(files[0]), arr):
+            (m, dec, p), (m2, dec2, p2) = learn.predict(item), safe.predict(item)
+            assert type(m2) is TensorMask and m2.shape == m.shape and bool((m2 == m).all()) and bool((dec2 == dec).all())
+            assert getattr(m2, 'codes', None) == codes
+            torch.testing.assert_close(p2, p, rtol=0, atol=1e-5)
+    ours, theirs = predict_files(learn, files), predict_files(safe, files)
+    assert _same_masks(ours, theirs) and theirs['mask'][0].shape == arr.shape[:2]  # at the image's own size
+    return safe
+
+
+@pytest.mark.parametrize('name', ['seg_resnet', pytest.param('seg_lite0', marks=pytest.mark.slow)])
+def test_segment_round_trip(name, request, seg_data, tmp_path):
+    learn = request.getfixturevalue(name)
+    fn = learn.export_safe(tmp_path/f'{name}.safetensors')
+    meta = read_model_meta(fn)
+    assert meta['task'] == 'segment' and meta['codes'] == ['background', 'digit'] and meta['n_out'] == 2 and 'vocab' not in meta
+    assert meta['model']['img_size'] == [36, 44] and meta['input']['size'] == [36, 44] and meta['input']['method'] == 'squish'
+    if name == 'seg_lite0':
+        assert meta['arch'] == 'tf_efficientnet_lite0' and meta['arch_source'] == 'timm' and meta['model']['act_cls'] == 'SiLU'
+        assert meta['model']['self_attention'] is True and meta['model']['cut'] is None
+    else: assert meta['arch'] == 'resnet18' and meta['arch_source'] == 'fastai' and meta['model']['cut'] == -4
+    assert _check_seg_round_trip(learn, fn, seg_data[1][::3]).dls.vocab == seg_data[3]
+    assert type(load_model_file(fn)) is Learner
+
+
+@pytest.mark.slow
+def test_segment_trained_round_trip(seg_data, tmp_path):
+    "A U-Net trained by `train_gray` (dls.vocab = codes, Resize squish), saved and loaded, predicts the same masks for `fastai-gray predict`"
+    learn = train_gray(seg_data[0], task='segment', arch='resnet18', pretrained=False, epochs=1, size=32, bs=8, progress=False)
+    learn.path = tmp_path
+    safe = load_learner_safe(learn.export_safe('trained.safetensors'))
+    files = seg_data[1][:5]
+    torch.testing.assert_close(_preds(safe, files), _preds(learn, files), rtol=0, atol=1e-5)
+    ours, theirs = predict_files(learn, files, bs=2), predict_files(safe, files, bs=2)
+    assert _same_masks(ours, theirs) and theirs['mask'][0].shape == (40, 40)
+
+
+@pytest.mark.parametrize('field, kw, message', [
+    ('model', dict(act_cls='os.system'), "field 'model.act_cls' must be one of 'ReLU'"),
+    ('model', dict(act_cls='Softplus'), "field 'model.act_cls' must be one of"),  # a torch.nn class, but not in the closed list
+    ('model', dict(act_cls=['ReLU']), "field 'model.act_cls'"),
+    ('model', dict(norm_type='Layer'), "field 'model.norm_type' must be null or one of 'Batch'"),
+    ('model', dict(model_kwargs={'pretrained_cfg_overlay': {'file': '/etc/passwd'}}), "field 'model.model_kwargs'"),
+    ('model', dict(model_kwargs={'drop_rate': 5}), "field 'model.model_kwargs'"),
+    ('model', dict(model_kwargs=[]), "field 'model.model_kwargs'"),
+    ('model', dict(img_size=[36]), "field 'model.img_size' must be [height, width]"),
+    ('model', dict(img_size=[10**9, 10**9]), "field 'model.img_size'"),  # no huge dummy batch is built
+    ('model', dict(blur='no'), "field 'model.blur' must be true or false"),
+    ('model', dict(y_range=[0]), "field 'model.y_range'"),
+    ('model', dict(concat_pool=True), "unknown field 'model.concat_pool'"),  # a classifier's head setting
+    ('model', dict(bottle=True), "has shape"),  # valid, but not the model whose tensors the file holds
+    ('model', dict(self_attention=True, cut=-3), "missing from the file"),
+    ('input', dict(method='stretch'), "field 'input.method'"),
+])
+def test_bad_segment_metadata(seg_file, tmp_path, field, kw, message):
+    bad = _edited(seg_file, tmp_path/'bad.safetensors', {field: _sub(seg_file, field, **kw)})
+    with pytest.raises(ModelFileError) as e: load_learner_safe(bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize('change, drop, message', [
+    ({'codes': '["background"]'}, (), "1 labels for n_out=2"),
+    ({'codes': '["a", "b", "c"]'}, (), "3 labels for n_out=2"),
+    ({'codes': '"background digit"'}, (), "field 'codes' must be a list of distinct"),
+    ({'codes': '[true, false]'}, (), "field 'codes' must be a list of distinct"),
+    ({'codes': '["a", "a"]'}, (), "field 'codes' must be a list of distinct"),
+    ({'codes': '[{"a": 1}, "b"]'}, (), "field 'codes' must be a list of distinct"),
+    ({}, ('codes',), "field 'codes' is missing"),
+    ({'vocab': '["background", "digit"]'}, (), "unknown field 'vocab'"),
+    ({'task': '"classify"'}, (), "field 'vocab' is missing"),
+    ({'n_out': '3', 'codes': '["a", "b", "c"]'}, (), "has shape"),
+])
+def test_bad_segment_fields(seg_file, tmp_path, change, drop, message):
+    bad = _edited(seg_file, tmp_path/'bad.safetensors', change, drop)
+    with pytest.raises(ModelFileError) as e: load_learner_safe(bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+class _MyReLU(nn.ReLU): pass
+
+
+def test_segment_export_errors(seg_data, tmp_path):
+    "What export_safe refuses to write for a U-Net, before writing anything"
+    dls = _seg_dls(seg_data)
+    with pytest.raises(ValueError, match='act_cls is a custom object'):
+        gray_unet_learner(dls, resnet18, pretrained=False, cut=-4, act_cls=_MyReLU).export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match=r"field 'model.act_cls' must be one of .*from this learner's settings"):
+        gray_unet_learner(dls, resnet18, pretrained=False, cut=-4, act_cls=nn.Softplus).export_safe(tmp_path/'x.safetensors')
+    learn = gray_unet_learner(dls, resnet18, pretrained=False, cut=-4)
+    learn.loss_func = CrossEntropyLossFlat()  # softmax over the last axis: the width, not the classes
+    with pytest.raises(ValueError, match='axis=1'): learn.export_safe(tmp_path/'x.safetensors')
+    with pytest.raises(ValueError, match='codes'):  # a mask block without codes, no dls.vocab
+        gray_unet_learner(_seg_dls(seg_data, codes=None), resnet18, pretrained=False, cut=-4, n_out=2).export_safe(tmp_path/'x.safetensors')
+    assert not (tmp_path/'x.safetensors').exists()
+
+
+@pytest.mark.parametrize('block', ['gray', 'fastai'])
+def test_segment_codes_from_block(block, seg_data, tmp_path):
+    "Without dls.vocab the codes come from the mask block: GrayMaskBlock(codes) or fastai's MaskBlock(codes)"
+    from fastai.vision.all import MaskBlock
+    dls = _seg_dls(seg_data, codes=['bg', 'fg'], mask_block=GrayMaskBlock if block == 'gray' else MaskBlock)
+    learn = gray_unet_learner(dls, resnet18, pretrained=False, cut=-4, path=tmp_path)
+    fn = learn.export_safe('c.safetensors')
+    assert read_model_meta(fn)['codes'] == ['bg', 'fg']
+    files = seg_data[1][:3]
+    torch.testing.assert_close(_preds(load_learner_safe(fn), files), _preds(learn, files), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['seg_resnet', 'seg_lite0'])
+def test_segment_onnx(name, request, tmp_path):
+    "Per-pixel logits: ONNX Runtime equals PyTorch to 1e-4 (relative) at the training size and an odd non-square one, batches of 1 and 3"
+    import onnx, onnxruntime as ort
+    learn = request.getfixturevalue(name)
+    fn = export_onnx(learn, tmp_path/'seg.onnx')
+    onnx.checker.check_model(str(fn))
+    sess = ort.InferenceSession(str(fn), providers=['CPUExecutionProvider'])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta['codes']) == ['background', 'digit'] and json.loads(meta['task']) == 'segment'
+    norm = json.loads(meta['input_norm'])
+    net = NormalizedGray(learn.model.eval(), norm)
+    with torch.no_grad():
+        for shape in [(1, 1, 36, 44), (3, 1, 36, 44), (1, 1, 45, 31), (3, 1, 45, 31)]:
+            x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+            y, yo = net(x), torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
+            assert yo.shape == (shape[0], 2, *shape[2:])
+            assert ((yo - y).abs().max() / y.abs().max()).item() < 1e-4, shape
