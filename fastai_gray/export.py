@@ -371,6 +371,11 @@ def _same_outputs(model, other, meta:dict):
     if y.shape != y2.shape or not torch.allclose(y, y2, rtol=1e-4, atol=1e-5):
         raise ValueError(_CHANGED.format(meta=meta, why='it computes other outputs'))
 
+def _as_user_file(path:Path):
+    "Give `path` the permissions a new file of the user's gets (safetensors writes its files readable by their owner only)"
+    umask = os.umask(0o022); os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
 @patch
 def export_safe(self:Learner, fname='model.safetensors') -> Path:
     "Write the gray learner's weights and settings to the safetensors file `self.path/fname`: data only, no pickle; returns its path"
@@ -387,6 +392,7 @@ def export_safe(self:Learner, fname='model.safetensors') -> Path:
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        _as_user_file(tmp)
         tmp.replace(path)
     finally: tmp.unlink(missing_ok=True)
     return path

@@ -499,3 +499,19 @@ def test_segment_onnx(name, request, tmp_path):
             y, yo = net(x), torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
             assert yo.shape == (shape[0], 2, *shape[2:])
             assert ((yo - y).abs().max() / y.abs().max()).item() < 1e-4, shape
+
+
+def test_model_file_has_the_users_permissions(tmp_path):
+    "export_safe's file is readable as the user's other new files are (safetensors alone writes it owner-only)"
+    import os, stat
+    from fastai.vision.all import DataBlock, CategoryBlock, parent_label, Resize
+    from fastai_gray.all import GrayImageBlock, gray_learner
+    for c in 'ab':
+        (tmp_path/c).mkdir()
+        for i in range(2): Image.fromarray(np.full((8, 8), 40 * i + 100 * (c == 'b'), np.uint8)).save(tmp_path/c/f'{i}.png')
+    dls = DataBlock(blocks=(GrayImageBlock, CategoryBlock), get_items=lambda p: sorted(p.rglob('*.png')), get_y=parent_label,
+                    splitter=lambda o: (list(range(len(o))), [0]), item_tfms=Resize(16)).dataloaders(tmp_path, bs=2, num_workers=0)
+    learn = gray_learner(dls, 'resnet18', pretrained=False)
+    umask = os.umask(0o022); os.umask(umask)
+    path = learn.export_safe(tmp_path/'m.safetensors')
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
