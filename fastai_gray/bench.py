@@ -667,7 +667,7 @@ def default_out(mode:str='full', stages=STAGES) -> Path:
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-gray bench', description="Benchmark fastai_gray against fastai's 3-channel and n_in=1 "
                                 "recipes: fidelity, accuracy after fine-tuning, data-path and end-to-end cost, on real Lite0 weights.")
-    p.add_argument('--quick', action='store_true', help='small runs: 6 to 12 minutes on 2 busy cores (the full run: 32 on 2 idle cores)')
+    p.add_argument('--quick', action='store_true', help='small runs: 6 to 12 minutes on 2 busy cores, and 4.5 more for the segment and onnx stages (the full run: 32 on 2 idle cores, and 11 more)')
     p.add_argument('--only', nargs='+', choices=STAGES, metavar='STAGE', help=f'run only these stages, of {", ".join(STAGES)}')
     p.add_argument('--out', type=Path, help='results folder (default: nbs/bench in a checkout of fastai_gray, else ./fastai_gray_bench; '
                    'its quick/ folder with --quick, partial/ with --only)')
