@@ -1,4 +1,4 @@
-"""What converting to gray buys, measured side by side on real ImageNet weights and real gray data: how exactly the 1-channel model reproduces the pretrained one, the accuracy it fine-tunes to, and what the gray data path and the gray model cost against fastai's 3-channel ones.
+"""What converting to gray buys, measured side by side on real ImageNet weights and real gray data: how exactly the 1-channel model reproduces the pretrained one, the accuracy it fine-tunes to, what the gray data path and the gray model cost against fastai's 3-channel ones, the same for a U-Net, and ONNX Runtime's speed against PyTorch's.
 
 Docs: https://fastai-gray.github.io/fastai_gray/bench.html.md"""
 
@@ -17,26 +17,31 @@ from torch import Tensor
 from fastcore.foundation import L
 from fastai.torch_core import set_seed
 from fastai.data.block import DataBlock, CategoryBlock
-from fastai.data.transforms import get_image_files, parent_label, GrandparentSplitter, Normalize
+from fastai.data.transforms import get_image_files, parent_label, GrandparentSplitter, IndexSplitter, ItemGetter, Normalize
 from fastai.vision.core import PILImageBW, imagenet_stats
 from fastai.vision.data import ImageBlock
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.learner import vision_learner
+from fastai.vision.learner import vision_learner, default_split
+from fastai.vision.models.unet import DynamicUnet
 from fastai.callback.core import Callback, CancelValidException
-from fastai.learner import Recorder
-from fastai.metrics import accuracy
+from fastai.learner import Learner, Recorder
+from fastai.metrics import accuracy, Dice
 import fastai.callback.schedule, fastai.callback.progress  # fine_tune, fit_one_cycle, no_bar
 from .core import gray_stats
 from .data import GrayImageBlock, PILImageGray, gray_image
 from .stem import update_first_layer, rgb_and_gray
-from .weights import LITE0_ARCH, lite0_checkpoint
+from .weights import LITE0_ARCH, timm_offline_kwargs
+from .datasets import digits_segmentation_dataset, segmentation_items
+from .masks import GrayMaskBlock
 from .learner import gray_learner
+from .unet import gray_unet_learner, timm_encoder
 
 # %% auto #0
-__all__ = ['PHOTOS', 'RECIPES', 'ACC_LEARNERS', 'SOURCES', 'PIPELINES', 'STAGES', 'SETTINGS', 'machine_info', 'photo_crops',
-           'lite0', 'lite0_stats', 'fidelity', 'digits_folder', 'accuracy_learner', 'EpochLog', 'accuracy_run',
-           'make_sources', 'pipeline', 'time_data_path', 'draft_error', 'E2ERun', 'worker_main', 'end_to_end',
-           'targets', 'results_markdown', 'plot_results', 'write_results', 'default_out', 'run_stages', 'main']
+__all__ = ['PHOTOS', 'RECIPES', 'ACC_LEARNERS', 'SOURCES', 'PIPELINES', 'SEG_LEARNERS', 'STAGES', 'SETTINGS', 'machine_info',
+           'photo_crops', 'lite0', 'lite0_stats', 'fidelity', 'digits_folder', 'accuracy_learner', 'EpochLog',
+           'accuracy_run', 'make_sources', 'pipeline', 'time_data_path', 'draft_error', 'E2ERun', 'worker_main',
+           'end_to_end', 'seg_learner', 'seg_run', 'SegRun', 'seg_cost', 'onnx_speed', 'targets', 'results_markdown',
+           'plot_results', 'write_results', 'default_out', 'run_stages', 'merge_results', 'main']
 
 # %% ../nbs/06_bench.ipynb #0c3f9d41
 try: import skimage.data  # the photos of the fidelity and data-path stages
@@ -76,7 +81,7 @@ def photo_crops(size:int=224, per_photo:int=3, seed:int=0, names=PHOTOS) -> Tens
 
 def lite0(**kwargs):
     "timm's `tf_efficientnet_lite0` with the real ImageNet weights of `lite0_checkpoint()`, in eval mode"
-    return timm.create_model(LITE0_ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(lite0_checkpoint())), **kwargs).eval()
+    return timm.create_model(LITE0_ARCH, pretrained=True, **timm_offline_kwargs(LITE0_ARCH, True, kwargs)).eval()
 
 def lite0_stats():
     "Lite0's own normalization, timm's `pretrained_cfg` mean and std (0.5 for every channel)"
@@ -113,12 +118,13 @@ def digits_folder(dest:Path, size:int=32, n_train:int|None=None, n_valid:int|Non
     for j, i in enumerate(idx[:n_train + n_valid]):
         f = Path(dest)/('train' if j < n_train else 'valid')/str(digits.target[i])/f'{i}.png'
         f.parent.mkdir(parents=True, exist_ok=True)
+        # truncated, not rounded as `datasets.digits_images` does: the images of the committed accuracy results
         Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BILINEAR).save(f)
     return Path(dest)
 
 ACC_LEARNERS = ('rgb', 'fastai', 'sum', 'exact')
 
-def _ckpt(): return dict(pretrained_cfg_overlay=dict(file=str(lite0_checkpoint())))
+def _ckpt(): return timm_offline_kwargs(LITE0_ARCH, True, {})  # the packaged ImageNet weights of Lite0
 
 def accuracy_learner(which:str, folder:Path, bs:int=32):
     "The `which` learner of `ACC_LEARNERS` on the `train`/`valid` folders of `folder`, with Lite0's ImageNet weights"
@@ -136,16 +142,22 @@ class EpochLog(Callback):
     def __init__(self): self.records = []
     def after_epoch(self): self.records.append([float(v) for v in self.learn.final_record])
 
-def accuracy_run(which:str, folder:Path, seed:int, epochs:int=1, lr:float=2e-3, bs:int=32) -> dict:
-    "Fine-tune the `which` learner with `fine_tune(epochs, lr)`: validation accuracy after the frozen epoch and after each epoch"
+def _fine_tune_run(make, seed:int, epochs:int, lr:float) -> dict:
+    "`make()`'s learner after `set_seed(seed)`, fine-tuned with `fine_tune(epochs, lr)` after `set_seed(seed)` again: its last metric after each epoch (the frozen one first), and the seconds"
     set_seed(seed)
-    learn = accuracy_learner(which, folder, bs)
+    learn = make()
     log = EpochLog()
     set_seed(seed)
     start = time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(epochs, lr, cbs=log)
-    accs = [r[-1] for r in log.records]
-    return dict(learner=which, seed=seed, epoch0=accs[0], accuracy=accs[-1], per_epoch=accs, seconds=time.perf_counter() - start)
+    return dict(per_epoch=[r[-1] for r in log.records], seconds=time.perf_counter() - start)
+
+def accuracy_run(which:str, folder:Path, seed:int, epochs:int=1, lr:float=2e-3, bs:int=32) -> dict:
+    "Fine-tune the `which` learner with `fine_tune(epochs, lr)`: validation accuracy after the frozen epoch and after each epoch"
+    r = _fine_tune_run(lambda: accuracy_learner(which, folder, bs), seed, epochs, lr)
+    accs = r['per_epoch']
+    return dict(learner=which, seed=seed, epoch0=accs[0], accuracy=accs[-1], per_epoch=accs, seconds=r['seconds'])
+
 
 # %% ../nbs/06_bench.ipynb #a0fca569
 SOURCES = ('jpeg-L', 'jpeg-RGB', 'png-L', 'png-RGB')
@@ -251,8 +263,12 @@ class E2ERun:
         dls = pipeline(which, size).dataloaders(folder, bs=bs, num_workers=0)
         make = vision_learner if which == 'rgb' else gray_learner
         self.learn, self.lr = make(dls, LITE0_ARCH, **_ckpt()), lr
+        self._warm_up()
+
+    def _warm_up(self):
+        "Unfreeze, run one training step's work and one inference batch, note the batch's shape and bytes and the memory after"
         self.learn.unfreeze()
-        xb, yb = dls.train.one_batch()
+        xb, yb = self.learn.dls.train.one_batch()
         self.batch_shape, self.batch_bytes = list(xb.shape), xb.nbytes
         model = self.learn.model.train()
         self.learn.loss_func(model(xb), yb).backward()  # warm-up: one training step's work, and one inference batch
@@ -286,8 +302,10 @@ def _say(obj):
     print(_TAG + json.dumps(obj), flush=True)
 
 def worker_main(spec:str, commands=None) -> int:
-    "A worker's loop: build `E2ERun(**json.loads(spec))`, then answer 'train', 'preds' and 'quit' read from `commands` (stdin)"
-    run = E2ERun(**json.loads(spec))
+    """A worker's loop: build `E2ERun(**spec)` (`SegRun(**spec)` for `"task": "segment"`) of the JSON `spec`, then answer 'train',
+    'preds' and 'quit' read from `commands` (stdin)"""
+    spec = json.loads(spec)
+    run = (SegRun if spec.pop('task', 'classify') == 'segment' else E2ERun)(**spec)
     _say(dict(ready=True, batch_shape=run.batch_shape, batch_bytes=run.batch_bytes))
     for line in (sys.stdin if commands is None else commands):
         cmd = line.strip()
@@ -318,28 +336,101 @@ class _Worker:
         if self.proc.poll() is None: self.proc.kill()
         self.proc.wait(); self.log.close()
 
-def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:int=16, reps:int=3, logs:Path|None=None) -> dict:
-    """Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and
-    memory. The workers' stderr goes to `logs` (default: a temporary folder, deleted at the end; a failing worker's error quotes its log)"""
+def _interleaved(specs:dict, tasks=('train', 'preds'), reps:int=3, logs:Path|None=None, prefix:str='worker') -> dict:
+    """Per name of `specs`: one worker process of that spec, warmed up, then `reps` interleaved runs of each of `tasks`, then its
+    memory; seconds of each run (and of making its batches) and their `_stats`. The workers' stderr goes to `logs/<prefix>-<name>.log`"""
     own_logs = logs is None
     logs = Path(logs or tempfile.mkdtemp(prefix='fastai_gray_bench_logs_'))
-    workers = {p: _Worker(dict(folder=str(folder), which=p, size=size, bs=bs), logs/f'worker-{p}.log') for p in pipelines}
+    workers = {p: _Worker(spec, logs/f'{prefix}-{p}.log') for p, spec in specs.items()}
     try:
-        res = {p: dict(workers[p].read(), train=[], preds=[], train_data=[], preds_data=[]) for p in pipelines}
-        for task in ('train', 'preds'):
+        res = {p: dict(workers[p].read(), **{t: [] for t in tasks}, **{t + '_data': [] for t in tasks}) for p in specs}
+        for task in tasks:
             for _ in range(reps):
-                for p in pipelines:
+                for p in specs:
                     t = workers[p].ask(task)
                     res[p][task].append(t['seconds']); res[p][task + '_data'].append(t['data_seconds'])
-        for p in pipelines:
+        for p in specs:
             res[p].pop('ready')
             res[p].update(workers[p].ask('quit'))
-            for task in ('train', 'preds'):
+            for task in tasks:
                 res[p][task + '_stats'], res[p][task + '_data_stats'] = _stats(res[p][task]), _stats(res[p][task + '_data'])
     finally:
         for w in workers.values(): w.close()
         if own_logs: shutil.rmtree(logs, ignore_errors=True)
     return res
+
+def end_to_end(folder:Path, pipelines=('rgb', 'gray-draft'), size:int=224, bs:int=16, reps:int=3, logs:Path|None=None) -> dict:
+    """Per pipeline: training-epoch and `get_preds` seconds (`reps` interleaved runs, one worker process per pipeline) and
+    memory. The workers' stderr goes to `logs` (default: a temporary folder, deleted at the end; a failing worker's error quotes its log)"""
+    return _interleaved({p: dict(folder=str(folder), which=p, size=size, bs=bs) for p in pipelines}, ('train', 'preds'), reps, logs)
+
+
+# %% ../nbs/06_bench.ipynb #b7e1c2d1
+SEG_LEARNERS = ('rgb', 'fastai', 'sum', 'exact')
+
+def seg_learner(which:str, folder:Path, bs:int=16):
+    "The `which` U-Net of `SEG_LEARNERS` on the segmentation data set at `folder` (images/, masks/, codes.txt), Lite0's encoder with its ImageNet weights, fastai's `Dice`"
+    if which not in SEG_LEARNERS: raise ValueError(f"which must be one of {SEG_LEARNERS}, got {which!r}")
+    images, masks, codes, valid = segmentation_items(folder)
+    rgb = which == 'rgb'
+    dls = DataBlock(blocks=(ImageBlock if rgb else GrayImageBlock, GrayMaskBlock(codes)), get_x=ItemGetter(0), get_y=ItemGetter(1),
+                    splitter=IndexSplitter(valid), batch_tfms=Normalize.from_stats(*lite0_stats()) if rgb else None
+                    ).dataloaders(list(zip(images, masks)), bs=bs, num_workers=0)
+    if not rgb: return gray_unet_learner(dls, LITE0_ARCH, init='sum' if which == 'fastai' else which, normalize=which != 'fastai',
+                                         metrics=Dice(), check_masks=False)  # segmentation_items checked them
+    model = DynamicUnet(timm_encoder(LITE0_ARCH, **_ckpt()), len(codes), tuple(dls.one_batch()[0].shape[-2:]), norm_type=None)
+    learn = Learner(dls, model, splitter=default_split, metrics=Dice())  # as fastai's unet_learner makes it
+    learn.freeze()
+    return learn
+
+def seg_run(which:str, folder:Path, seed:int, epochs:int=1, lr:float=1e-3, bs:int=16) -> dict:
+    "Fine-tune the `which` U-Net with `fine_tune(epochs, lr)`: validation Dice after the frozen epoch and after each epoch"
+    r = _fine_tune_run(lambda: seg_learner(which, folder, bs), seed, epochs, lr)
+    return dict(learner=which, seed=seed, epoch0=r['per_epoch'][0], dice=r['per_epoch'][-1], per_epoch=r['per_epoch'], seconds=r['seconds'])
+
+class SegRun(E2ERun):
+    "One side of the U-Net cost comparison: `seg_learner(which)` on `folder`, unfrozen and warmed up, timed as `E2ERun` times"
+    def __init__(self, folder, which:str, bs:int=8, lr:float=1e-3, seed:int=0):
+        set_seed(seed)
+        self.learn, self.lr = seg_learner(which, Path(folder), bs), lr
+        self._warm_up()
+
+def seg_cost(folder:Path, learners=('rgb', 'exact'), bs:int=8, reps:int=3, logs:Path|None=None) -> dict:
+    "Per learner of `SEG_LEARNERS`: training-epoch seconds on `folder` (`reps` interleaved runs, one worker process each) and memory"
+    return _interleaved({w: dict(task='segment', folder=str(folder), which=w, bs=bs) for w in learners}, ('train',), reps, logs, 'seg')
+
+# %% ../nbs/06_bench.ipynb #b7e1c2d5
+def onnx_speed(learn, px:int=224, batch_sizes=(1, 32), runs:int=5, threads:int=1, min_images:int=32, seed:int=0) -> list:
+    "Per batch size: images per second of PyTorch and of ONNX Runtime (`export_onnx` of `learn`) on the CPU, `runs` interleaved, medians; and the largest relative output difference"
+    from fastai_gray.export import export_onnx, NormalizedGray, model_meta_of
+    with tempfile.TemporaryDirectory() as d:
+        fn = export_onnx(learn, Path(d)/'model.onnx')  # names the `onnx` extra when it is missing
+        import onnxruntime as ort
+        opts = ort.SessionOptions(); opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(fn), opts, providers=['CPUExecutionProvider'])
+    net = NormalizedGray(copy.deepcopy(learn.model).float().cpu().eval(), model_meta_of(learn)['input_norm']).eval()
+    rows = []
+    with _threads(threads):
+        for bs in batch_sizes:
+            x = torch.rand(bs, 1, px, px, generator=torch.Generator().manual_seed(seed)); xn = x.numpy()
+            calls = max(1, min_images // bs)
+            def run_torch():
+                with torch.inference_mode():
+                    for _ in range(calls): y = net(x)
+                return y.numpy()
+            def run_ort():
+                for _ in range(calls): y = sess.run(None, {'image': xn})[0]
+                return y
+            yt, yo = run_torch(), run_ort()  # warm-up
+            diff = float(np.abs(yo - yt).max() / np.abs(yt).max())
+            speed = {'torch': [], 'onnxruntime': []}
+            for _ in range(runs):
+                for name, f in (('torch', run_torch), ('onnxruntime', run_ort)):
+                    t = time.perf_counter(); f(); speed[name].append(bs * calls / (time.perf_counter() - t))
+            pt, ox = statistics.median(speed['torch']), statistics.median(speed['onnxruntime'])
+            rows.append(dict(batch=bs, px=px, threads=threads, images=bs * calls, torch_img_s=pt, onnxruntime_img_s=ox,
+                             speedup=ox / pt, max_rel_diff=diff, torch=_stats(speed['torch']), onnxruntime=_stats(speed['onnxruntime'])))
+    return rows
 
 # %% ../nbs/06_bench.ipynb #d5dc4f91
 def _ratio(a, b): return a / b if b else float('nan')
@@ -368,6 +459,23 @@ def targets(res:dict) -> list:
                 r = _ratio(e2e[p][task + '_stats']['median'], e2e['rgb'][task + '_stats']['median'])
                 rows.append((f"end to end, {p}: {label} <= 0.9 of rgb",
                              f"{r:.2f} ({e2e[p][task + '_stats']['median']:.2f} vs {e2e['rgb'][task + '_stats']['median']:.2f} s)", r <= 0.9))
+    seg = res.get('segment', {}).get('summary')
+    if seg and 'exact' in seg:
+        ex = seg['exact']['mean']
+        for other, label in (('rgb', '3-channel baseline'), ('fastai', "fastai's recipe")):
+            if other in seg: rows.append((f"segment: exact Dice >= {label}", f"{ex:.3f} vs {seg[other]['mean']:.3f}", ex >= seg[other]['mean']))
+    cost = res.get('segment', {}).get('cost')
+    if cost and {'rgb', 'exact'} <= cost['results'].keys():
+        c1, c3 = cost['results']['exact'], cost['results']['rgb']
+        r = _ratio(c1['train_stats']['median'], c3['train_stats']['median'])
+        rows.append((f"segment at {cost['px']} px: 1-channel training epoch <= 3-channel's",
+                     f"{r:.2f} ({c1['train_stats']['median']:.2f} vs {c3['train_stats']['median']:.2f} s)", r <= 1))
+        rows.append((f"segment at {cost['px']} px: 1-channel peak memory <= 3-channel's",
+                     f"{c1['peak_rss_mb']:.0f} vs {c3['peak_rss_mb']:.0f} MB", c1['peak_rss_mb'] <= c3['peak_rss_mb']))
+    for o in res.get('onnx', {}).get('results', []):
+        rows.append((f"onnx, batch {o['batch']}: ONNX Runtime >= 1.5x PyTorch images/s",
+                     f"{o['speedup']:.2f}x ({o['onnxruntime_img_s']:.1f} vs {o['torch_img_s']:.1f} img/s)", o['speedup'] >= 1.5))
+        rows.append((f"onnx, batch {o['batch']}: outputs equal to 1e-4", f"max relative difference {o['max_rel_diff']:.1e}", o['max_rel_diff'] <= 1e-4))
     return rows
 
 # %% ../nbs/06_bench.ipynb #fee3aa00
@@ -375,6 +483,17 @@ def _md_table(header, rows):
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
 
 def _spread(s, fmt): return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
+
+def _run_line(res:dict, stage:str) -> str:
+    "For a stage that another run added to `res` (`--merge-into`): that run's command, mode, date, load average and wall time"
+    r = res[stage].get('run')
+    if not r or r['machine']['date'] == res['machine']['date']: return ''
+    m = r['machine']
+    return (f"Added by `{r['command']}`, {r['mode']} mode, {m['date']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
+            f"thread{'s' * (m['torch_threads'] != 1)}), load average {m['load_avg']} at the start and {r['load_avg_end']} at the end, "
+            f"{r['wall_s'] / 60:.1f} min wall time.\n\n")
+
+def _later(res:dict) -> list: return [s for s in STAGES if s in res and _run_line(res, s)]
 
 def results_markdown(res:dict) -> str:
     "The results file: command, machine, date, the targets, then a section per stage"
@@ -384,7 +503,8 @@ def results_markdown(res:dict) -> str:
            f"- machine: {m['cores']} cores, {m['cpu']}; torch {m['torch']} ({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), fastai {m['fastai']}, timm {m['timm']}, "
            f"Pillow {m['pillow']}, Python {m['python']}",
            f"- date: {m['date']}; load average (1, 5, 15 min) {m['load_avg']} at the start, {res.get('load_avg_end')} at the end "
-           "(other work on the machine slows and spreads the timings)\n",
+           "(other work on the machine slows and spreads the timings)" + ("" if not _later(res) else
+           f"\n- stages added by later runs, named in their sections: {', '.join(_later(res))}") + "\n",
            "## Targets\n", _md_table(('target', 'figure', 'met'), [(t, f, 'yes' if ok else '**no**') for t, f, ok in targets(res)])]
     if 'fidelity' in res:
         f = res['fidelity']
@@ -431,6 +551,34 @@ def results_markdown(res:dict) -> str:
                 "median seconds of it spent making batches (the rest is the model, the loss and the optimizer).\n",
                 _md_table(('pipeline', 'training epoch s', 'ratio', 'of which batches', 'get_preds s', 'ratio', 'of which batches',
                            'peak RSS MB (+ over warm)', 'MB per batch'), rows)]
+    if 'segment' in res:
+        s = res['segment']
+        out += [f"\n## Segmentation\n\n{_run_line(res, 'segment')}`digits_segmentation_dataset`, {s['n_train']} training and {s['n_valid']} validation "
+                f"images at {s['size']} px, U-Nets on Lite0 (ImageNet weights), `fine_tune({s['epochs']}, {s['lr']})`, batch size {s['bs']}, seeds "
+                f"{s['seeds']}; fastai's `Dice` of the digit class on the validation set, mean ± standard deviation over seeds. `fastai` is "
+                "`gray_unet_learner(init='sum', normalize=False)`, fastai's `n_in=1` recipe on Lite0.\n",
+                _md_table(('learner', 'Dice epoch 0 (frozen)', 'final Dice', 'final per seed', 'seconds per run'),
+                          [(w, f"{v['epoch0_mean']:.3f} ± {v['epoch0_sd']:.3f}", f"{v['mean']:.3f} ± {v['sd']:.3f}",
+                            ', '.join(f"{d:.3f}" for d in v['per_seed']), f"{v['seconds']:.0f}") for w, v in s['summary'].items()])]
+        c = s.get('cost')
+        if c:
+            base = c['results']['rgb']['train_stats']['median']
+            out += [f"\nCost at {c['px']} px: a training epoch of {c['n_train']} images (batch size {c['bs']}, unfrozen), `rgb` against the "
+                    f"1-channel `exact` U-Net, one worker process each, {c['reps']} interleaved runs; seconds, median (min–max), and peak "
+                    "resident memory of the worker (increase over its size after warm-up: mostly the training step's activations).\n",
+                    _md_table(('learner', 'training epoch s', 'ratio', 'of which batches', 'peak RSS MB (+ over warm)', 'MB per batch'),
+                              [(w, _spread(v['train_stats'], '{:.2f}'), f"{_ratio(v['train_stats']['median'], base):.2f}",
+                                f"{v['train_data_stats']['median']:.2f}", f"{v['peak_rss_mb']:.0f} (+{v['peak_over_ready_mb']:.0f})",
+                                f"{v['batch_bytes'] / 2**20:.1f}") for w, v in c['results'].items()])]
+    if 'onnx' in res:
+        o = res['onnx']
+        out += [f"\n## ONNX Runtime against PyTorch\n\n{_run_line(res, 'onnx')}The Lite0 classifier of `gray_learner(init='exact')` (ImageNet weights, "
+                f"{o['n_out']} classes) on random {o['px']}-px gray batches on the CPU, {o['threads']} thread{'s' * (o['threads'] != 1)} each, "
+                f"{o['runs']} interleaved runs of at least {o['min_images']} images; images per second, median (min–max), and the largest "
+                "difference of ONNX Runtime's outputs from PyTorch's relative to the largest output.\n",
+                _md_table(('batch', 'PyTorch images/s', 'ONNX Runtime images/s', 'speedup', 'max relative difference'),
+                          [(r['batch'], _spread(r['torch'], '{:.1f}'), _spread(r['onnxruntime'], '{:.1f}'), f"{r['speedup']:.2f}x",
+                            f"{r['max_rel_diff']:.1e}") for r in o['results']])]
     out += ['\n## Plots\n'] + [f'![{p}]({p})' for p in res.get('plots', [])]
     return '\n'.join(out) + '\n'
 
@@ -452,16 +600,16 @@ def plot_results(res:dict, out:Path) -> list:
         ax.set_xticks(np.arange(len(recipes)) + 0.2, recipes); ax.set_ylabel('top-1 agreement, %'); ax.set_ylim(0, 105)
         ax.legend(); ax.set_title('Fidelity to the pretrained 3-channel Lite0')
         save(fig, 'fidelity.png')
-    if 'accuracy' in res:
-        summ = res['accuracy']['summary']
+    def per_seed(summ, ylabel, title, name, scale=100):
         fig, ax = plt.subplots(figsize=(6, 3))
         for i, (w, s) in enumerate(summ.items()):
-            ax.scatter([i - 0.1] * len(s['per_seed_epoch0']), np.array(s['per_seed_epoch0']) * 100, c='tab:gray', s=12)
-            ax.scatter([i + 0.1] * len(s['per_seed']), np.array(s['per_seed']) * 100, c='tab:blue', s=12)
-            ax.errorbar(i + 0.1, s['mean'] * 100, s['sd'] * 100, fmt='_', c='k', capsize=4)
-        ax.set_xticks(range(len(summ)), list(summ)); ax.set_ylabel('validation accuracy, %')
-        ax.set_title('Digits: epoch 0 (gray) and final (blue), per seed')
-        save(fig, 'accuracy.png')
+            ax.scatter([i - 0.1] * len(s['per_seed_epoch0']), np.array(s['per_seed_epoch0']) * scale, c='tab:gray', s=12)
+            ax.scatter([i + 0.1] * len(s['per_seed']), np.array(s['per_seed']) * scale, c='tab:blue', s=12)
+            ax.errorbar(i + 0.1, s['mean'] * scale, s['sd'] * scale, fmt='_', c='k', capsize=4)
+        ax.set_xticks(range(len(summ)), list(summ)); ax.set_ylabel(ylabel); ax.set_title(title)
+        save(fig, name)
+    if 'accuracy' in res:
+        per_seed(res['accuracy']['summary'], 'validation accuracy, %', 'Digits: epoch 0 (gray) and final (blue), per seed', 'accuracy.png')
     if 'data' in res:
         parts = [(res['data']['results'], 'with aug_transforms')] + ([(res['data']['no_aug'], 'without')] if 'no_aug' in res['data'] else [])
         fig, axs = plt.subplots(1, len(parts), figsize=(5 * len(parts), 3), squeeze=False)
@@ -483,6 +631,8 @@ def plot_results(res:dict, out:Path) -> list:
                 ax.hlines(v[task + '_stats']['median'], i - 0.25, i + 0.25, colors='k')
             ax.set_xticks(range(len(e)), list(e)); ax.set_ylabel('seconds'); ax.set_title(label); ax.set_ylim(0)
         save(fig, 'end_to_end.png')
+    if 'segment' in res:
+        per_seed(res['segment']['summary'], 'validation Dice', 'Digit masks: epoch 0 (gray) and final (blue), per seed', 'segment.png', 1)
     return names
 
 def write_results(res:dict, out:Path) -> list:
@@ -494,12 +644,16 @@ def write_results(res:dict, out:Path) -> list:
     return [out/'results.json', out/'results.md', *(out/p for p in res['plots'])]
 
 # %% ../nbs/06_bench.ipynb #d8d43d86
-STAGES = ('fidelity', 'accuracy', 'data', 'e2e')
+STAGES = ('fidelity', 'accuracy', 'data', 'e2e', 'segment', 'onnx')
 SETTINGS = {
     'quick': dict(fid_per_photo=1, acc_size=32, acc_train=400, acc_valid=300, acc_epochs=2, acc_lr=2e-3, acc_bs=16, seeds=3,
-                  data_n=64, data_reps=3, e2e_train=32, e2e_valid=32, e2e_bs=16, e2e_reps=3, e2e_pipelines=('rgb', 'gray-draft')),
+                  data_n=64, data_reps=3, e2e_train=32, e2e_valid=32, e2e_bs=16, e2e_reps=3, e2e_pipelines=('rgb', 'gray-draft'),
+                  seg_n=120, seg_size=48, seg_epochs=1, seg_lr=1e-2, seg_bs=16, seg_seeds=3, seg_px=256, seg_cost_bs=4, seg_cost_batches=2,
+                  seg_cost_reps=3, onnx_runs=3, onnx_min_images=32),
     'full': dict(fid_per_photo=3, acc_size=48, acc_train=None, acc_valid=None, acc_epochs=4, acc_lr=2e-3, acc_bs=16, seeds=5,
-                 data_n=256, data_reps=5, e2e_train=96, e2e_valid=64, e2e_bs=16, e2e_reps=5, e2e_pipelines=('rgb', 'gray', 'gray-draft')),
+                 data_n=256, data_reps=5, e2e_train=96, e2e_valid=64, e2e_bs=16, e2e_reps=5, e2e_pipelines=('rgb', 'gray', 'gray-draft'),
+                 seg_n=300, seg_size=48, seg_epochs=2, seg_lr=1e-2, seg_bs=16, seg_seeds=3, seg_px=256, seg_cost_bs=8, seg_cost_batches=2,
+                 seg_cost_reps=3, onnx_runs=5, onnx_min_images=32),
 }
 
 def default_out(mode:str='full', stages=STAGES) -> Path:
@@ -513,7 +667,7 @@ def default_out(mode:str='full', stages=STAGES) -> Path:
 def _parser():
     p = argparse.ArgumentParser(prog='fastai-gray bench', description="Benchmark fastai_gray against fastai's 3-channel and n_in=1 "
                                 "recipes: fidelity, accuracy after fine-tuning, data-path and end-to-end cost, on real Lite0 weights.")
-    p.add_argument('--quick', action='store_true', help='small runs: 6 to 12 minutes on 2 busy cores (the full run: 32 on 2 idle cores)')
+    p.add_argument('--quick', action='store_true', help='small runs: 6 to 12 minutes on 2 busy cores, and 4.5 more for the segment and onnx stages (the full run: 32 on 2 idle cores, and 11 more)')
     p.add_argument('--only', nargs='+', choices=STAGES, metavar='STAGE', help=f'run only these stages, of {", ".join(STAGES)}')
     p.add_argument('--out', type=Path, help='results folder (default: nbs/bench in a checkout of fastai_gray, else ./fastai_gray_bench; '
                    'its quick/ folder with --quick, partial/ with --only)')
@@ -521,18 +675,22 @@ def _parser():
     p.add_argument('--source', default='jpeg-L', choices=SOURCES, help='the files of the end-to-end runs (default: jpeg-L)')
     p.add_argument('--threads', type=int, default=1, help="torch threads for the model, here and in the workers; 0: torch's default "
                    "(default: 1, which keeps timings stable on a shared machine; the data path is always timed with 1)")
+    p.add_argument('--merge-into', type=Path, metavar='DIR', help="put the results of the stages run into DIR's results.json "
+                   "(replacing those stages, keeping the others, each stage naming the run it comes from), then rewrite DIR's results.md "
+                   "and plots; e.g. --only segment onnx --merge-into nbs/bench")
     p.add_argument('--workdir', type=Path, help='folder for the generated images (default: a temporary folder)')
     p.add_argument('--keep', action='store_true', help='keep the generated images')
     return p
 
 def _log(msg): print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
 
-def _acc_summary(runs):
+def _acc_summary(runs, learners=ACC_LEARNERS, key='accuracy'):
+    "Per learner: mean and standard deviation over seeds of the runs' final `key` and of their `epoch0`, the values per seed, the mean seconds"
     summ = {}
-    for w in ACC_LEARNERS:
+    for w in learners:
         rs = [r for r in runs if r['learner'] == w]
         if not rs: continue
-        fin, ep0 = [r['accuracy'] for r in rs], [r['epoch0'] for r in rs]
+        fin, ep0 = [r[key] for r in rs], [r['epoch0'] for r in rs]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.
         summ[w] = dict(mean=statistics.mean(fin), sd=sd(fin), epoch0_mean=statistics.mean(ep0), epoch0_sd=sd(ep0),
                        per_seed=fin, per_seed_epoch0=ep0, seconds=statistics.mean(r['seconds'] for r in rs))
@@ -541,6 +699,9 @@ def _acc_summary(runs):
 def run_stages(stages, cfg:dict, work:Path, source:str='jpeg-L') -> dict:
     "Run `stages` with settings `cfg` (a value of `SETTINGS`), generated files under `work`: the raw results"
     res = {}
+    if 'onnx' in stages:  # before the other stages run
+        try: import onnx, onnxruntime
+        except ImportError as e: raise ModuleNotFoundError(f'the onnx stage needs onnx and onnxruntime: pip install "fastai_gray[onnx]" ({e})', name=e.name) from e
     if 'fidelity' in stages:
         _log('fidelity')
         model, g = lite0(), photo_crops(224, cfg['fid_per_photo'])
@@ -577,26 +738,64 @@ def run_stages(stages, cfg:dict, work:Path, source:str='jpeg-L') -> dict:
         res['e2e'] = dict(source=source, source_size=512, size=224, bs=cfg['e2e_bs'], reps=cfg['e2e_reps'], n_train=cfg['e2e_train'],
                           n_valid=cfg['e2e_valid'], results=end_to_end(folder, cfg['e2e_pipelines'], 224, cfg['e2e_bs'],
                                                                       cfg['e2e_reps'], logs=work))
+    if 'segment' in stages:
+        folder = digits_segmentation_dataset(work/'segment', n=cfg['seg_n'], size=cfg['seg_size'])
+        runs = []
+        for seed in range(cfg['seg_seeds']):
+            for w in SEG_LEARNERS:
+                runs.append(seg_run(w, folder, seed, cfg['seg_epochs'], cfg['seg_lr'], cfg['seg_bs']))
+                _log(f"segment {w} seed {seed}: Dice {runs[-1]['dice']:.3f} ({runs[-1]['seconds']:.0f} s)")
+        n_valid = len(segmentation_items(folder).valid)
+        px, bs, reps = cfg['seg_px'], cfg['seg_cost_bs'], cfg['seg_cost_reps']
+        big = digits_segmentation_dataset(work/f'segment{px}', n=-(-bs * cfg['seg_cost_batches'] * 5 // 4), size=px)  # 20% valid
+        items = segmentation_items(big)
+        _log(f"segment cost at {px} px")
+        res['segment'] = dict(size=cfg['seg_size'], epochs=cfg['seg_epochs'], lr=cfg['seg_lr'], bs=cfg['seg_bs'], seeds=list(range(cfg['seg_seeds'])),
+                              n_train=cfg['seg_n'] - n_valid, n_valid=n_valid, runs=runs, summary=_acc_summary(runs, SEG_LEARNERS, 'dice'),
+                              cost=dict(px=px, bs=bs, reps=reps, n_train=len(items.images) - len(items.valid),
+                                        results=seg_cost(big, ('rgb', 'exact'), bs, reps, logs=work)))
+    if 'onnx' in stages:
+        learn = accuracy_learner('exact', digits_folder(work/'onnx_digits', 224, 32, 16))
+        threads = torch.get_num_threads()
+        _log(f"onnx at 224 px, {threads} thread{'s' * (threads != 1)}")
+        res['onnx'] = dict(px=224, threads=threads, runs=cfg['onnx_runs'], min_images=cfg['onnx_min_images'], n_out=learn.dls.c,
+                           results=onnx_speed(learn, 224, (1, 32), cfg['onnx_runs'], threads, cfg['onnx_min_images']))
     return res
+
+def merge_results(old:dict, new:dict, stages) -> dict:
+    "`old` results (a results.json) with the `stages` of `new` put in, replacing the same stages; the others and `old`'s own run kept"
+    missing = [s for s in stages if s not in new]
+    if missing: raise ValueError(f"the new results hold no {', '.join(missing)} stage to merge")
+    return {**old, **{s: new[s] for s in stages}}
 
 def main(argv:list[str]|None=None) -> int:
     "Run the benchmark with command-line arguments `argv` (default `sys.argv[1:]`); write the results; 0 on success"
     args = _parser().parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads < 0: raise SystemExit(f"fastai-gray bench: --threads must be 0 or more, got {args.threads}")
+    mode = 'quick' if args.quick else 'full'
+    cfg = dict(SETTINGS[mode], **({'seeds': args.seeds} if args.seeds else {}))
+    stages = args.only or STAGES
+    if args.merge_into:
+        if args.out: raise SystemExit("fastai-gray bench: give --out or --merge-into, not both")
+        old_file = args.merge_into/'results.json'
+        if not old_file.is_file(): raise SystemExit(f"fastai-gray bench: --merge-into {args.merge_into}: {old_file} does not exist")
+        try: old = json.loads(old_file.read_text())
+        except ValueError as e: raise SystemExit(f"fastai-gray bench: --merge-into {args.merge_into}: {old_file} is not JSON ({e})")
+    out = args.merge_into or args.out or default_out(mode, stages)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ['OMP_NUM_THREADS'] = str(args.threads)  # the workers'
-    mode = 'quick' if args.quick else 'full'
-    cfg = dict(SETTINGS[mode], **({'seeds': args.seeds} if args.seeds else {}))
-    out = args.out or default_out(mode, args.only or STAGES)
     start = time.perf_counter()
     res = dict(command=shlex.join(['fastai-gray', 'bench', *argv]), argv=argv, mode=mode, settings=cfg, machine=machine_info())
     work = Path(args.workdir or tempfile.mkdtemp(prefix='fastai_gray_bench_'))
-    try: res.update(run_stages(args.only or STAGES, cfg, work, args.source))
+    try: res.update(run_stages(stages, cfg, work, args.source))
     finally:
         if not args.keep and not args.workdir: shutil.rmtree(work, ignore_errors=True)
     res.update(wall_s=time.perf_counter() - start, load_avg_end=[round(v, 2) for v in os.getloadavg()])
+    for s in stages:  # each stage names its run, for the stages a later run merges into a results file
+        res[s]['run'] = {k: res[k] for k in ('command', 'mode', 'settings', 'machine', 'wall_s', 'load_avg_end')}
+    if args.merge_into: res = merge_results(old, res, stages)
     paths = write_results(res, out)
     _log(f"{res['wall_s'] / 60:.1f} min; wrote " + ', '.join(map(str, paths)))
     return 0

@@ -48,6 +48,8 @@ def test_committed_results_are_made_from_results_json(res):
     "results.md is `results_markdown` of results.json (rerun `make bench` rather than edit either), its plots exist"
     from fastai_gray.bench import results_markdown, STAGES
     assert res['mode'] == 'full' and set(STAGES) <= res.keys(), 'nbs/bench/ holds a full run of every stage'
+    later = {s: res[s]['run']['mode'] for s in STAGES if 'run' in res[s]}
+    assert set(later.values()) <= {'full'}, f'stages merged into nbs/bench/ from runs not in full mode: {later}'
     assert (BENCH/'results.md').read_text() == results_markdown(res)
     assert res['plots'] and all((BENCH/p).is_file() for p in res['plots'])
 
@@ -67,7 +69,8 @@ def quoted_figures(res:dict) -> dict:
     d, e, a = res['data'], res['e2e']['results'], res['accuracy']
     e2e = lambda p, task: e[p][task + '_stats']['median'] / e['rgb'][task + '_stats']['median']
     model = lambda p: e[p]['preds_stats']['median'] - e[p]['preds_data_stats']['median']
-    acc = a['summary']
+    acc, seg, cost, onnx = a['summary'], res['segment']['summary'], res['segment']['cost']['results'], res['onnx']['results']
+    seg_ratio = cost['exact']['train_stats']['median'] / cost['rgb']['train_stats']['median']
     return {
         'duration': f"{res['wall_s'] / 60:.0f} minutes on 2 idle cores",
         'data path, augmented': f"({_ratio(d['results'], 'jpeg-L', 'gray-draft'):.2f}x for gray JPEGs and "
@@ -88,6 +91,13 @@ def quoted_figures(res:dict) -> dict:
                               (('exact', '`exact`'), ('sum', '`sum`'), ('rgb', '`rgb`'), ('fastai', "fastai's `n_in=1`"))),
         'frozen epoch': '(and after the frozen epoch ' + ', '.join(f"{acc[k]['epoch0_mean']:.1%}" for k in ('exact', 'sum', 'rgb'))
                         + f" and {acc['fastai']['epoch0_mean']:.1%})",
+        'segment Dice': ', '.join(f"{w} {seg[k]['mean']:.3f} ± {seg[k]['sd']:.3f}" for k, w in
+                                  (('exact', '`exact`'), ('sum', '`sum`'), ('rgb', '`rgb`'), ('fastai', "fastai's recipe"))),
+        'segment cost': f"{seg_ratio:.2f} of the 3-channel one's ({cost['exact']['train_stats']['median']:.1f} against "
+                        f"{cost['rgb']['train_stats']['median']:.1f} s)",
+        'segment memory': f"{cost['exact']['peak_over_ready_mb']:.0f} against {cost['rgb']['peak_over_ready_mb']:.0f} MB",
+        'onnx speed': ' and '.join(f"{o['speedup']:.2f}x at batch {o['batch']}" for o in onnx),
+        'onnx difference': f"{max(o['max_rel_diff'] for o in onnx):.0e}",
     }
 
 def test_bench_page_quotes_results_json(res):
@@ -100,3 +110,44 @@ def test_bench_page_quotes_results_json(res):
 def test_makefile_states_the_full_run_duration(res):
     help_line = next(l for l in (ROOT/'Makefile').read_text().splitlines() if l.startswith('bench:'))
     assert f"({res['wall_s'] / 60:.0f} minutes on 2 idle cores)" in help_line, help_line
+
+def _fake_stage(stage:str) -> dict:
+    "Tiny results of `stage` in the form `run_stages` gives, for the tests that need no training"
+    cost = lambda s: dict(train=[s], train_data=[.1], train_stats=dict(median=s, min=s, max=s), train_data_stats=dict(median=.1, min=.1, max=.1),
+                          peak_rss_mb=1000., rss_ready_mb=900., peak_over_ready_mb=100., batch_bytes=2**20, batch_shape=[8, 1, 256, 256])
+    summ = lambda d: dict(mean=d, sd=0., epoch0_mean=d, epoch0_sd=0., per_seed=[d], per_seed_epoch0=[d], seconds=1.)
+    if stage == 'segment':
+        return dict(size=32, epochs=1, lr=1e-2, bs=4, seeds=[0], n_train=16, n_valid=4, runs=[],
+                    summary={w: summ(d) for w, d in (('rgb', .5), ('fastai', .4), ('sum', .55), ('exact', .6))},
+                    cost=dict(px=256, bs=8, reps=1, n_train=24, results={'rgb': cost(2.), 'exact': cost(1.5)}))
+    row = dict(batch=1, px=224, threads=1, images=32, torch_img_s=10., onnxruntime_img_s=20., speedup=2., max_rel_diff=1e-6,
+               torch=dict(median=10., min=9., max=11.), onnxruntime=dict(median=20., min=19., max=21.))
+    return dict(px=224, threads=1, runs=1, min_images=32, n_out=10, results=[row])
+
+def test_merge_into_keeps_the_other_stages(res, tmp_path, monkeypatch):
+    "`--only segment onnx --merge-into DIR` replaces those stages of DIR/results.json, keeps the rest and its own run, names each run"
+    import fastai_gray.bench as bench
+    (tmp_path/'results.json').write_text(json.dumps(res))
+    monkeypatch.setattr(bench, 'run_stages', lambda stages, cfg, work, source: {s: _fake_stage(s) for s in stages})
+    assert bench.main(['--only', 'segment', 'onnx', '--merge-into', str(tmp_path), '--threads', '0']) == 0
+    new = json.loads((tmp_path/'results.json').read_text())
+    for k in res.keys() - {'segment', 'onnx', 'plots'}: assert new[k] == res[k], k
+    for s in ('segment', 'onnx'):
+        run = new[s]['run']
+        assert run['command'] == f'fastai-gray bench --only segment onnx --merge-into {tmp_path} --threads 0' and run['mode'] == 'full'
+        assert run['machine']['date'] != res['machine']['date'] and len(run['load_avg_end']) == 3
+    md = (tmp_path/'results.md').read_text()
+    assert md == bench.results_markdown(new) and md.count('Added by `fastai-gray bench --only segment onnx') == 2
+    assert 'stages added by later runs, named in their sections: segment, onnx' in md
+    assert '| segment: exact Dice >= 3-channel baseline | 0.600 vs 0.500 | yes |' in md
+    assert '| onnx, batch 1: ONNX Runtime >= 1.5x PyTorch images/s | 2.00x (20.0 vs 10.0 img/s) | yes |' in md
+    assert 'segment.png' in new['plots'] and all((tmp_path/p).is_file() for p in new['plots'])
+
+def test_merge_into_needs_a_results_file(tmp_path):
+    from fastai_gray.bench import main, merge_results
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path/'results.json'} does not exist")):
+        main(['--only', 'onnx', '--merge-into', str(tmp_path)])
+    (tmp_path/'results.json').write_text('{')
+    with pytest.raises(SystemExit, match='is not JSON'): main(['--only', 'onnx', '--merge-into', str(tmp_path)])
+    with pytest.raises(SystemExit, match='not both'): main(['--only', 'onnx', '--merge-into', str(tmp_path), '--out', str(tmp_path)])
+    with pytest.raises(ValueError, match='no segment stage'): merge_results({}, {'onnx': {}}, ['segment'])

@@ -206,6 +206,29 @@ def bench_summary(res:dict) -> str:
         out.append(f"- **End to end**, Lite0 at {e['size']} px on the CPU: a training epoch takes {ratio('train')} of the 3-channel "
                    f"time and `get_preds` {ratio('preds')}; making the batches is at most {batches:.0%} of a training epoch, the rest "
                    "is the model.")
+    def later(stage):
+        "` (run on DATE, load average L)` for a stage another run merged in (`fastai-gray bench --merge-into`)"
+        r = res[stage].get('run')
+        if not r or r['machine']['date'] == m['date']: return ''
+        return f" ({r['mode']} run on {r['machine']['date'][:10]}, load average {r['machine']['load_avg'][0]:.1f} at the start)"
+    if 'segment' in res:
+        s, summ = res['segment'], res['segment']['summary']
+        line = (f"- **Segmentation**{later('segment')}, U-Nets on Lite0, digits on noisy backgrounds at {s['size']} px, `fine_tune({s['epochs']})`, "
+                f"{len(s['seeds'])} seed{'s' * (len(s['seeds']) != 1)}, Dice mean ± standard deviation: "
+                + ', '.join(f"{LEARNERS.get(w, w).replace('`n_in=1`', 'recipe')} {summ[w]['mean']:.3f} ± {summ[w]['sd']:.3f}"
+                            for w in sorted(summ, key=lambda w: -summ[w]['mean'])))
+        c = s.get('cost')
+        if c and {'rgb', 'exact'} <= c['results'].keys():
+            g, b = c['results']['exact'], c['results']['rgb']
+            line += (f"; at {c['px']} px the 1-channel training epoch takes {g['train_stats']['median'] / b['train_stats']['median']:.2f} "
+                     f"of the 3-channel time, peak memory {g['peak_rss_mb']:.0f} against {b['peak_rss_mb']:.0f} MB")
+        out.append(line + '.')
+    if 'onnx' in res:
+        o = res['onnx']
+        out.append(f"- **ONNX Runtime**{later('onnx')} against PyTorch on the CPU, Lite0 at {o['px']} px, {o['threads']} "
+                   f"thread{'s' * (o['threads'] != 1)}: " + ', '.join(f"{r['speedup']:.2f}x the images per second at batch {r['batch']}"
+                                                                    for r in o['results'])
+                   + f", outputs equal to {max(r['max_rel_diff'] for r in o['results']):.0e} (relative).")
     return '\n'.join(out)
 
 def bench_summary_markdown() -> str:
