@@ -14,7 +14,7 @@ test:       ## tests/, every notebook, the docs site in headless Chromium (skipp
 test-fast:  ## the everyday tier: no training runs, no long notebooks, no browser (markers in setup.cfg)
 	python -m pytest -m "not slow and not browser"
 
-bench:      ## the full benchmark the docs quote, into nbs/bench/, then README.md from it (32 minutes on 2 idle cores)
+bench:      ## the full benchmark the docs quote, into nbs/bench/, then README.md from it (32 minutes on 2 idle cores); the segment and onnx stages add about 11
 	fastai-gray bench && python tools/docs.py readme
 
 bench-quick: ## the quick benchmark, into nbs/bench/quick/ (git ignores it; 6 to 12 minutes measured on 2 busy cores)
