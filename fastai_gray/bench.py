@@ -27,7 +27,7 @@ from fastai.callback.core import Callback, CancelValidException
 from fastai.learner import Learner, Recorder
 from fastai.metrics import accuracy, Dice
 import fastai.callback.schedule, fastai.callback.progress  # fine_tune, fit_one_cycle, no_bar
-from .core import gray_stats
+from .core import gray_stats, rel_error
 from .data import GrayImageBlock, PILImageGray, gray_image
 from .stem import update_first_layer, rgb_and_gray
 from .weights import LITE0_ARCH, timm_offline_kwargs
@@ -102,7 +102,7 @@ def fidelity(model, g:Tensor, stats, recipes=RECIPES, bs:int=16) -> dict:
     for name, (init, normalized) in recipes.items():
         gray = update_first_layer(copy.deepcopy(model), init=init, stats=stats).eval()
         y1 = _logits(gray, x1 if normalized else g, bs)
-        err = ((y1 - y3).flatten(1).norm(dim=1) / y3.flatten(1).norm(dim=1)).double()
+        err = rel_error(y1, y3, dim=0)  # one relative error per image, in float64
         res[name] = dict(n=len(g), agreement=(y1.argmax(1) == y3.argmax(1)).double().mean().item(),
                          mean_error=err.mean().item(), max_error=err.max().item())
     return res
