@@ -30,7 +30,7 @@ from .core import check_stats
 from .data import PILImageGray, TensorImageGray, _GrayOpener, _gray_settings
 from .dicom import WINDOWS
 from .stem import update_first_layer
-from .learner import _NO_STATS, _normalize_of, _stats_of, _split_or_default
+from .learner import _NO_STATS, _normalize_of, _stats_of, _split_or_default, _fastai_archs
 from .masks import MaskOpener, MaskSizeCheck
 from .unet import UNET_ACTIVATIONS, rebuild_unet
 from .train import class_names
@@ -155,8 +155,6 @@ def check_model_meta(meta:dict, src:str='model file') -> dict:
     return {k: meta[k] for k in {**_FIELDS, **_TASK_FIELDS[task]}}  # in the schema's order
 
 # %% ../nbs/08_export.ipynb #6707ebda
-def _fastai_archs() -> dict: return {f.__name__: f for f in model_meta if callable(f) and hasattr(f, '__name__')}
-
 def _arch(name:str, source:str, src:str='model file'):
     "The arch `gray_learner` takes for `name`: a fastai `model_meta` callable looked up by name, or a timm model name; nothing is imported"
     if source == 'fastai':

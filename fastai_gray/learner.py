@@ -150,10 +150,14 @@ def arch_name(arch) -> str|None:
     except TypeError: known = False
     return getattr(arch, '__name__', None) if known else None
 
+def _fastai_archs() -> dict:
+    "fastai's `model_meta` archs by name: `{'resnet18': resnet18, ...}`"
+    return {a.__name__: a for a in model_meta if callable(a) and hasattr(a, '__name__')}
+
 def arch_from_name(name:str):
     "The fastai `model_meta` arch called `name` (e.g. `'resnet18'`), else `name` itself, for timm"
     if not isinstance(name, str) or not name: raise ValueError(f"an arch name is a non-empty str, got {name!r}")
-    return next((a for a in model_meta if getattr(a, '__name__', None) == name), name)
+    return _fastai_archs().get(name, name)
 
 def _plain(v):
     "`v` with tuples as lists, for JSON"

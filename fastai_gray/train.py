@@ -19,11 +19,11 @@ __all__ = ['DIGITS_SIZE', 'FOLDER_SIZE', 'TASKS', 'resolve_arch', 'check_train_a
 def resolve_arch(name:str):
     "The arch for `gray_learner` named `name`: a fastai `model_meta` callable by its name, else a timm model name; a `ValueError` naming close matches otherwise"
     import difflib, timm
-    from fastai.vision.learner import model_meta
+    from fastai_gray.learner import _fastai_archs
     if name.startswith('timm:'):
         if not timm.is_model(name[5:]): raise ValueError(f"unknown timm model {name[5:]!r}; see timm.list_models()")
         return name[5:]
-    fastai_archs = {getattr(f, '__name__', None): f for f in model_meta}
+    fastai_archs = _fastai_archs()
     if name in fastai_archs: return fastai_archs[name]
     if timm.is_model(name): return name
     close = difflib.get_close_matches(name, list(dict.fromkeys([*fastai_archs, *timm.list_models()])), n=3)
