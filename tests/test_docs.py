@@ -10,7 +10,8 @@ functions and classes, and the search box must find `gray_learner`. A screenshot
 The tests that need the browser are marked `browser`. Where Chromium is missing they are skipped before the site is
 built, with the reason and how to install it (`apt-get install -y chromium` on Debian, or `$CHROMIUM` set to its path);
 in CI (`CI=true`) a missing Chromium fails them instead (`.ci/run` installs it). The skip is tests/conftest.py's, and is
-tested here. The README tests need no browser and always run. `make test-fast` leaves the browser tests out."""
+tested here. The README tests need no browser and always run, as does the check that every
+module page shows an example, with its output, of each public function and class (tools/doc_audit.py). `make test-fast` leaves the browser tests out."""
 import ast, base64, contextlib, functools, http.server, io, json, os, re, shutil, subprocess, sys, threading, time
 import urllib.error, urllib.request
 from pathlib import Path
@@ -25,6 +26,7 @@ CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-back
 
 sys.path.insert(0, str(ROOT/'tools'))
 import docs as docs_tool  # tools/docs.py: the build and the README rendering
+import doc_audit  # tools/doc_audit.py: which public names a module page shows no example of
 sys.path.pop(0)
 
 
@@ -43,6 +45,21 @@ def test_readme_keeps_the_two_commands():
 
 
 # ---------------------------------------------------------------------------------------------------- the tier
+
+def test_module_pages_show_an_example_of_every_public_name():
+    "Each public function and class appears in a shown code cell with saved outputs on its module page (tools/doc_audit.py)"
+    missing = {nb.name: m for nb in doc_audit.module_notebooks() if (m := doc_audit.missing_examples(nb))}
+    assert not missing, f'no shown example with output (python tools/docs.py run NB saves outputs): {missing}'
+
+def test_doc_audit_tells_an_example_from_a_check(tmp_path):
+    "A name only in a hidden cell, an exported cell or a cell without outputs has no example; a shown cell with output is one"
+    def cell(src, outputs=()): return dict(cell_type='code', source=src, outputs=list(outputs), metadata={}, execution_count=None)
+    out = [dict(output_type='stream', name='stdout', text='3')]
+    nb = tmp_path/'x.ipynb'
+    nb.write_text(json.dumps(dict(cells=[cell('#| export\ndef shown(): ...\ndef hidden(): ...\ndef bare(): ...'),
+                                         cell('shown()', out), cell('#| hide\nhidden()', out), cell('bare()'),
+                                         cell('x.dotted()', out)], metadata={}, nbformat=4, nbformat_minor=5)))
+    assert doc_audit.missing_examples(nb, ['shown', 'hidden', 'bare', 'dotted', 'CONSTANT']) == ['hidden', 'bare', 'dotted']
 
 def test_browser_tests_skip_without_chromium_except_in_ci(pytester, monkeypatch):
     "Without Chromium a `browser` test is skipped, saying how to install it; with CI=true it fails (tests/conftest.py)"

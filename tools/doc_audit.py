@@ -31,14 +31,16 @@ def public_names(module:str) -> list[str]:
         if isinstance(n, ast.Assign) and any(getattr(t, 'id', None) == '__all__' for t in n.targets): return ast.literal_eval(n.value)
     return []
 
-def missing_examples(nb:Path) -> list[str]:
-    "The public functions and classes of `nb`'s module that no shown code cell with outputs uses"
+def missing_examples(nb:Path, names:list[str]|None=None) -> list[str]:
+    "The public functions and classes of `nb`'s module (or `names`) that no shown code cell with outputs uses"
     cells = json.loads(Path(nb).read_text())['cells']
     module = module_of(cells)
-    if module is None or module in NOT_PAGES: return []
+    if names is None:
+        if module is None or module in NOT_PAGES: return []
+        names = public_names(module)
     shown = [''.join(c['source']) for c in cells
              if c['cell_type'] == 'code' and c.get('outputs') and not _directives(''.join(c['source'])) & set(HIDDEN)]
-    return [name for name in public_names(module) if not name.isupper()
+    return [name for name in names if not name.isupper()
             and not any(re.search(rf'(?<![\w.]){re.escape(name)}\b', s) for s in shown)]
 
 def module_notebooks() -> list[Path]: return sorted((ROOT/'nbs').glob('[0-9]*.ipynb'))
