@@ -6,7 +6,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/datasets.html.md"""
 
 # %% ../nbs/01c_datasets.ipynb #f782a024
 from __future__ import annotations
-import csv, mimetypes, os, random, shutil, tempfile, warnings
+import mimetypes, random, shutil, tempfile, warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -39,11 +39,8 @@ def is_image_file(p:Path|str) -> bool:
 
 def image_files(folder:Path|str) -> list[Path]:
     "Image files under `folder`, recursively and sorted, skipping hidden files and folders"
-    res = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        res += [Path(root)/f for f in sorted(files) if not f.startswith('.') and is_image_file(f)]
-    return res
+    from fastai_gray.masks import _walk_images  # the one walker, also `mask_items`'s
+    return _walk_images(folder, IMAGE_EXTENSIONS)
 
 # %% ../nbs/01c_datasets.ipynb #73065c4c
 VALID_NAMES = ('valid', 'val')
@@ -80,34 +77,11 @@ def folder_items(folder:Path|str) -> tuple[list, list|None, list]:
 _NAME_HEADERS = {'filename', 'file', 'fname', 'file_name', 'path', 'image', 'image_path', 'name', 'x'}
 _LABEL_HEADERS = {'label', 'labels', 'class', 'category', 'target', 'y'}
 
-def _csv_rows(path:Path) -> list:
-    "`(line number, cells)` of the non-empty rows of the CSV file `path`, cells stripped"
-    try:
-        with open(path, newline='', encoding='utf-8-sig') as f: rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e: raise DatasetError(f"cannot read {path} as a CSV file: {e}") from None
-    return [(i, [c.strip() for c in r]) for i, r in enumerate(rows, 1) if any(c.strip() for c in r)]
-
 def csv_items(path:Path|str) -> list:
     "`(path, label)` pairs from a CSV of `filename,label` rows (names relative to its folder), with or without a header"
-    path = Path(path)
-    numbered = _csv_rows(path)
-    if numbered:
-        first = numbered[0][1]
-        if (len(first) >= 2 and not (path.parent/first[0]).is_file()
-                and (first[0].lower() in _NAME_HEADERS or first[1].lower() in _LABEL_HEADERS)): numbered = numbered[1:]
-    items, missing, seen = [], [], {}
-    for line, row in numbered:
-        if len(row) < 2 or not row[0] or not row[1]:
-            raise DatasetError(f"{path}, line {line}: expected `filename,label`, got {','.join(row)!r}")
-        f = path.parent/row[0]
-        if not f.is_file(): missing.append((line, row[0]))
-        if str(f) in seen: raise DatasetError(f"{path}, line {line}: {row[0]!r} is listed twice (first on line {seen[str(f)]})")
-        seen[str(f)] = line
-        items.append((f, row[1]))
-    if missing:
-        line, name = missing[0]
-        raise DatasetError(f"{len(missing)} file(s) listed in {path} do not exist, the first {name!r} (line {line})")
-    return items
+    from fastai_gray.masks import _csv_table  # the one CSV reader, also `csv_mask_items`'s
+    try: return _csv_table(path, ('filename', 'label'), files=('filename',), aliases={'filename': _NAME_HEADERS, 'label': _LABEL_HEADERS})
+    except ValueError as e: raise DatasetError(str(e)) from None
 
 # %% ../nbs/01c_datasets.ipynb #21f9ffec
 def stratified_split(labels:list, valid_pct:float=0.2, seed:int=0) -> list[int]:
@@ -155,9 +129,7 @@ def _listed_items(path:Path) -> tuple[list, list|None]:
     if not path.exists(): raise DatasetError(f"{path} does not exist")
     if path.is_file():
         if path.suffix.lower() != '.csv': raise DatasetError(f"{path} is a file but not a CSV (.csv) of filename,label rows")
-        items = csv_items(path)
-        if not items: raise DatasetError(f"no images listed in {path}")
-        return items, None
+        return csv_items(path), None
     items, valid, loose = folder_items(path)
     if not items:
         hint = f" ({len(loose)} image(s) lie directly in it)" if loose else ''
@@ -292,13 +264,13 @@ def _segmentation_pairs(path:Path) -> tuple[list, Path|None]:
     codes = path.parent/'codes.txt' if path.is_file() else path/'codes.txt'
     return pairs, codes if codes.is_file() else None
 
-def _codes(codes_file:Path|None, masks:list, mapping:dict|None) -> list:
-    "The class names: the lines of `codes_file`, else the label values of `masks`, which must be 0..N-1"
-    from fastai_gray.masks import read_codes, mask_values
-    try:
-        if codes_file is not None: return read_codes(codes_file)
-        values = mask_values(masks, mapping)
-    except (ValueError, OSError) as e: raise DatasetError(str(e)) from None
+def _two_codes(path:Path, codes:list) -> list:
+    "`codes`, or a `DatasetError` if they name one class only"
+    if len(codes) < 2: raise DatasetError(f"{path} has one class only ({codes[0]!r}); segmentation needs two or more")
+    return codes
+
+def _codes_of(values:list) -> list:
+    "The class names of a data set without codes.txt: its masks' label `values`, which must be 0..N-1"
     if values != list(range(len(values))):
         raise DatasetError(f"the masks hold the label values {values[:10]}{' ...' if len(values) > 10 else ''}, not 0 to N-1: "
                            f"name the classes in a codes.txt (one a line, label 0 first), or map values to labels "
@@ -308,17 +280,19 @@ def _codes(codes_file:Path|None, masks:list, mapping:dict|None) -> list:
 def segmentation_items(path:Path|str, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None,
                        mapping:dict|None=None) -> SegmentationItems:
     "`(images, masks, codes, valid)` of the segmentation data set at `path` (folder of images/ and masks/, or CSV), checked before training"
-    from fastai_gray.masks import check_masks
+    from fastai_gray.masks import check_masks, read_codes
     path = Path(path)
     pairs, codes_file = _segmentation_pairs(path)
-    codes = _codes(codes_file, [m for _, m in pairs], mapping)
-    if len(codes) < 2: raise DatasetError(f"{path} has one class only ({codes[0]!r}); segmentation needs two or more")
+    try: codes = read_codes(codes_file) if codes_file else None
+    except (ValueError, OSError) as e: raise DatasetError(str(e)) from None
+    if codes: _two_codes(path, codes)  # before any file is read
     n_listed = len(pairs)
     pairs, _ = _readable(pairs, None, skip_bad, window)
     if not pairs: raise DatasetError(f"{path} has no readable images left")
     images, masks = [i for i, _ in pairs], [m for _, m in pairs]
-    try: check_masks(masks, len(codes), images, mapping)
+    try: values = check_masks(masks, codes and len(codes), images, mapping)  # each mask read once: values, labels, size
     except ValueError as e: raise DatasetError(str(e)) from None
+    if codes is None: codes = _two_codes(path, _codes_of(values))
     valid = random_split(len(images), valid_pct, seed)
     if not valid:
         skipped = f" once the {n_listed - len(images)} unreadable files are left out" if len(images) < n_listed else ''

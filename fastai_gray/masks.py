@@ -6,7 +6,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/masks.html.md"""
 
 # %% ../nbs/01b_masks.ipynb #f8344f7e
 from __future__ import annotations
-import csv
+import csv, os
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -90,34 +90,36 @@ def _size_of(fn) -> tuple:
     except (OSError, SyntaxError) as e: raise OSError(f"cannot read image {_mask_name(fn)}: {e}") from e
 
 def _check_mask(pair, n_codes, mapping):
-    "The reason the mask of `(mask, image)` `pair` fails (values outside `range(n_codes)`, unreadable, not the size of `image`), or None"
+    "`(values, reason)` for the mask of `(mask, image)` `pair`, read once: its label values (None if unreadable) and why it fails (unreadable, values outside `range(n_codes)`, not the size of `image`), or None"
     mask, image = pair
+    values = None
     try:
         a = read_mask(mask, mapping)
-        check_mask_values(a, n_codes, _mask_name(mask))
+        values = np.unique(a)
+        if n_codes is not None: check_mask_values(values, n_codes, _mask_name(mask))
         if image is not None and _size_of(image) != (a.shape[1], a.shape[0]):
             w, h = _size_of(image)
-            return f"mask {_mask_name(mask)} is {a.shape[1]}x{a.shape[0]} (width x height) but its image {_mask_name(image)} is {w}x{h}"
-    except (OSError, ValueError) as e: return str(e)
-    return None
+            return values, f"mask {_mask_name(mask)} is {a.shape[1]}x{a.shape[0]} (width x height) but its image {_mask_name(image)} is {w}x{h}"
+    except (OSError, ValueError) as e: return values, str(e)
+    return values, None
 
-def check_masks(masks, n_codes:int, images=None, mapping:dict|None=None, n_workers:int=defaults.cpus):
-    "Read every mask of `masks` before any training: a `ValueError` naming the files whose labels are outside `range(n_codes)` (after `mapping`), that cannot be read, or whose size differs from the image of `images` (same order)"
-    _check_n_codes(n_codes); _check_mapping(mapping)
+def check_masks(masks, n_codes:int|None, images=None, mapping:dict|None=None, n_workers:int=defaults.cpus) -> list:
+    "Read every mask of `masks` once, before any training: their sorted label values (after `mapping`), or a `ValueError` naming the files whose labels are outside `range(n_codes)` (None: any labels), that cannot be read, or whose size differs from the image of `images` (same order)"
+    if n_codes is not None: _check_n_codes(n_codes)
+    _check_mapping(mapping)
     masks = L(masks)
     images = L(images) if images is not None else L([None] * len(masks))
     if len(images) != len(masks): raise ValueError(f"check_masks got {len(masks)} masks but {len(images)} images")
-    reasons = parallel(_check_mask, list(zip(masks, images)), n_workers=n_workers, threadpool=True, n_codes=n_codes, mapping=mapping)
-    reasons = [r for r in reasons if r is not None]
+    checked = parallel(_check_mask, list(zip(masks, images)), n_workers=n_workers, threadpool=True, n_codes=n_codes, mapping=mapping)
+    reasons = [r for _, r in checked if r is not None]
     if reasons:
         more = f"\n... and {len(reasons) - 10} more" if len(reasons) > 10 else ''
         raise ValueError(f"{len(reasons)} of {len(masks)} masks are not usable:\n" + '\n'.join(reasons[:10]) + more)
+    return sorted(int(v) for v in np.unique(np.concatenate([v for v, _ in checked]))) if len(checked) else []
 
 def mask_values(masks, mapping:dict|None=None, n_workers:int=defaults.cpus) -> list:
     "The sorted label values found in `masks` (after `mapping`): the codes of a data set that comes without a list of them"
-    _check_mapping(mapping)
-    found = parallel(lambda m: np.unique(read_mask(m, mapping)), L(masks), n_workers=n_workers, threadpool=True)
-    return sorted(int(v) for v in np.unique(np.concatenate([np.asarray(f) for f in found]))) if len(found) else []
+    return check_masks(masks, None, mapping=mapping, n_workers=n_workers)
 
 # %% ../nbs/01b_masks.ipynb #337eb172
 class MaskOpener(DisplayedTransform):
@@ -160,10 +162,18 @@ def GrayMaskBlock(codes=None, mapping:dict|None=None):
                           batch_tfms=IntToFloatTensor)
 
 # %% ../nbs/01b_masks.ipynb #3d64bba9
+def _walk_images(folder:Path|str, extensions) -> list[Path]:
+    "The files under `folder` with a suffix in `extensions` (lower case), recursively and sorted; hidden files and folders skipped, linked folders followed"
+    res = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        res += [Path(root)/f for f in sorted(files) if not f.startswith('.') and Path(f).suffix.lower() in extensions]
+    return res
+
 def _image_files(folder:Path, extensions) -> dict:
     "`{stem path: file}` of the image files under `folder`, stems relative to it; a `ValueError` for two files with one stem"
     found, dup = {}, []
-    for f in sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith('.')):
+    for f in _walk_images(folder, extensions):
         key = f.relative_to(folder).with_suffix('').as_posix()
         if key in found: dup.append(f"{found[key].name} and {f.name}")
         found[key] = f
@@ -186,27 +196,41 @@ def mask_items(folder:Path|str, images:str='images', masks:str='masks', extensio
     return [(im[k], ms[k]) for k in sorted(im)]
 
 # %% ../nbs/01b_masks.ipynb #1737628f
-def csv_mask_items(csv_file:Path|str, image_col:str='image', mask_col:str='mask') -> list:
-    "`(image, mask)` path pairs from the `image_col`, `mask_col` columns of `csv_file`, relative paths from its folder; a `ValueError` naming missing columns and files"
+def _csv_rows(csv_file:Path) -> list:
+    "`(line number, cells)` of the non-empty rows of the CSV file `csv_file`, cells stripped"
+    try:
+        with open(csv_file, newline='', encoding='utf-8-sig') as f: rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e: raise ValueError(f"cannot read {csv_file} as a CSV file: {e}") from None
+    return [(i, [c.strip() for c in r]) for i, r in enumerate(rows, 1) if any(c.strip() for c in r)]
+
+def _csv_table(csv_file:Path|str, columns:tuple, files:tuple=(), aliases:dict|None=None) -> list:
+    "The rows of `csv_file` as tuples of its `columns`, with or without a header row naming them: `files` columns as paths from its folder, checked to exist, the first column listed once; a `ValueError` naming missing columns and every bad cell with its line"
     csv_file = Path(csv_file)
-    with open(csv_file, newline='') as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if image_col not in cols or mask_col not in cols:
-            raise ValueError(f"{csv_file} needs columns {image_col!r} and {mask_col!r}; its header is {cols}")
-        rows = list(reader)
-    if not rows: raise ValueError(f"{csv_file} has no rows")
-    pairs, missing = [], []
-    for i, row in enumerate(rows, start=2):  # line 1 is the header
-        pair = []
-        for col in (image_col, mask_col):
-            value = (row[col] or '').strip()
-            path = csv_file.parent/value
-            if not value or not path.is_file(): missing.append(f"line {i}: {col} {value!r}")
-            pair.append(path)
-        pairs.append(tuple(pair))
-    if missing: raise ValueError(f"{csv_file}: {len(missing)} files not found: " + '; '.join(missing[:5]) + (' ...' if len(missing) > 5 else ''))
-    return pairs
+    names = {c: {c.lower()} | {a.lower() for a in (aliases or {}).get(c, ())} for c in columns}
+    rows, cols = _csv_rows(csv_file), list(range(len(columns)))
+    if rows:
+        head = [h.lower() for h in rows[0][1]]
+        if any(h in n for h in head for n in names.values()) and not (csv_file.parent/rows[0][1][0]).is_file():
+            missing = [c for c in columns if not names[c] & set(head)]
+            if missing: raise ValueError(f"{csv_file} has no column {' or '.join(map(repr, missing))}; its header is {rows[0][1]}")
+            cols, rows = [next(j for j, h in enumerate(head) if h in names[c]) for c in columns], rows[1:]
+    if not rows: raise ValueError(f"{csv_file} lists no rows of {','.join(columns)}")
+    table, bad, seen = [], [], {}
+    for line, row in rows:
+        cells = [row[j] if j < len(row) else '' for j in cols]
+        for col, v in zip(columns, cells):
+            if not v: bad.append(f"{col} (line {line}) is empty")
+            elif col in files and not (csv_file.parent/v).is_file(): bad.append(f"{col} {v!r} (line {line}) does not exist")
+        first = str(csv_file.parent/cells[0])
+        if cells[0] and first in seen: bad.append(f"{columns[0]} {cells[0]!r} (line {line}) is listed twice, first on line {seen[first]}")
+        seen.setdefault(first, line)
+        table.append(tuple(csv_file.parent/v if col in files else v for col, v in zip(columns, cells)))
+    if bad: raise ValueError(f"{csv_file} has {len(bad)} bad cell(s): " + '; '.join(bad[:5]) + (f'; and {len(bad) - 5} more' if len(bad) > 5 else ''))
+    return table
+
+def csv_mask_items(csv_file:Path|str, image_col:str='image', mask_col:str='mask') -> list:
+    "`(image, mask)` path pairs from the `image_col`, `mask_col` columns of `csv_file` (read as `_csv_table` says), relative paths from its folder"
+    return _csv_table(csv_file, (image_col, mask_col), files=(image_col, mask_col))
 
 def read_codes(path:Path|str) -> list:
     "The class names of `codes.txt` at `path`, one a line (label 0 first); a `ValueError` for none, an empty line between names, or a repeated name"
