@@ -6,7 +6,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/datasets.html.md"""
 
 # %% ../nbs/01c_datasets.ipynb #f782a024
 from __future__ import annotations
-import mimetypes, random, shutil, tempfile, warnings
+import csv, mimetypes, os, random, shutil, tempfile, warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +15,7 @@ from typing import NamedTuple
 __all__ = ['IMAGE_EXTENSIONS', 'VALID_NAMES', 'DIGITS_COUNT', 'SEGMENTATION_CODES', 'DatasetError', 'DatasetWarning',
            'UnreadableImagesError', 'is_image_file', 'image_files', 'folder_items', 'csv_items', 'stratified_split',
            'LabelledImages', 'labelled_images', 'digits_images', 'digits_dataset', 'digits_segmentation_dataset',
-           'SegmentationItems', 'random_split', 'segmentation_items']
+           'mask_items', 'csv_mask_items', 'read_codes', 'SegmentationItems', 'random_split', 'segmentation_items']
 
 # %% ../nbs/01c_datasets.ipynb #f44b08df
 class DatasetError(ValueError):
@@ -37,9 +37,16 @@ def is_image_file(p:Path|str) -> bool:
     "Whether the name of `p` has an image (or DICOM) extension"
     return Path(p).suffix.lower() in IMAGE_EXTENSIONS
 
+def _walk_images(folder:Path|str, extensions) -> list[Path]:
+    "The files under `folder` with a suffix in `extensions` (lower case), recursively and sorted; hidden files and folders skipped, linked folders followed"
+    res = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        res += [Path(root)/f for f in sorted(files) if not f.startswith('.') and Path(f).suffix.lower() in extensions]
+    return res
+
 def image_files(folder:Path|str) -> list[Path]:
     "Image files under `folder`, recursively and sorted, skipping hidden files and folders"
-    from fastai_gray.masks import _walk_images  # the one walker, also `mask_items`'s
     return _walk_images(folder, IMAGE_EXTENSIONS)
 
 # %% ../nbs/01c_datasets.ipynb #73065c4c
@@ -74,12 +81,43 @@ def folder_items(folder:Path|str) -> tuple[list, list|None, list]:
     return train + valid, list(range(len(train), len(train) + len(valid))), loose + loose_valid
 
 # %% ../nbs/01c_datasets.ipynb #b4df311a
+def _csv_rows(csv_file:Path) -> list:
+    "`(line number, cells)` of the non-empty rows of the CSV file `csv_file`, cells stripped"
+    try:
+        with open(csv_file, newline='', encoding='utf-8-sig') as f: rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e: raise ValueError(f"cannot read {csv_file} as a CSV file: {e}") from None
+    return [(i, [c.strip() for c in r]) for i, r in enumerate(rows, 1) if any(c.strip() for c in r)]
+
+def _csv_table(csv_file:Path|str, columns:tuple, files:tuple=(), aliases:dict|None=None) -> list:
+    "The rows of `csv_file` as tuples of its `columns`, with or without a header row naming them: `files` columns as paths from its folder, checked to exist, the first column listed once; a `ValueError` naming missing columns and every bad cell with its line"
+    csv_file = Path(csv_file)
+    names = {c: {c.lower()} | {a.lower() for a in (aliases or {}).get(c, ())} for c in columns}
+    rows, cols = _csv_rows(csv_file), list(range(len(columns)))
+    if rows:
+        head = [h.lower() for h in rows[0][1]]
+        if any(h in n for h in head for n in names.values()) and not (csv_file.parent/rows[0][1][0]).is_file():
+            missing = [c for c in columns if not names[c] & set(head)]
+            if missing: raise ValueError(f"{csv_file} has no column {' or '.join(map(repr, missing))}; its header is {rows[0][1]}")
+            cols, rows = [next(j for j, h in enumerate(head) if h in names[c]) for c in columns], rows[1:]
+    if not rows: raise ValueError(f"{csv_file} lists no rows of {','.join(columns)}")
+    table, bad, seen = [], [], {}
+    for line, row in rows:
+        cells = [row[j] if j < len(row) else '' for j in cols]
+        for col, v in zip(columns, cells):
+            if not v: bad.append(f"{col} (line {line}) is empty")
+            elif col in files and not (csv_file.parent/v).is_file(): bad.append(f"{col} {v!r} (line {line}) does not exist")
+        first = str(csv_file.parent/cells[0])
+        if cells[0] and first in seen: bad.append(f"{columns[0]} {cells[0]!r} (line {line}) is listed twice, first on line {seen[first]}")
+        seen.setdefault(first, line)
+        table.append(tuple(csv_file.parent/v if col in files else v for col, v in zip(columns, cells)))
+    if bad: raise ValueError(f"{csv_file} has {len(bad)} bad cell(s): " + '; '.join(bad[:5]) + (f'; and {len(bad) - 5} more' if len(bad) > 5 else ''))
+    return table
+
 _NAME_HEADERS = {'filename', 'file', 'fname', 'file_name', 'path', 'image', 'image_path', 'name', 'x'}
 _LABEL_HEADERS = {'label', 'labels', 'class', 'category', 'target', 'y'}
 
 def csv_items(path:Path|str) -> list:
     "`(path, label)` pairs from a CSV of `filename,label` rows (names relative to its folder), with or without a header"
-    from fastai_gray.masks import _csv_table  # the one CSV reader, also `csv_mask_items`'s
     try: return _csv_table(path, ('filename', 'label'), files=('filename',), aliases={'filename': _NAME_HEADERS, 'label': _LABEL_HEADERS})
     except ValueError as e: raise DatasetError(str(e)) from None
 
@@ -235,6 +273,45 @@ def digits_segmentation_dataset(dest:Path|str|None=None, n:int=400, size:int=48,
     name = f'digits_segmentation_dataset(n={n}, size={size}, seed={seed})'
     return _written_once(Path(dest or cache_dir()/f'digits_segmentation_{n}_{size}_{seed}'), name, 2 * n, write)
 
+# %% ../nbs/01c_datasets.ipynb #f2d9aee9
+def _image_files(folder:Path, extensions) -> dict:
+    "`{stem path: file}` of the image files under `folder`, stems relative to it; a `ValueError` for two files with one stem"
+    found, dup = {}, []
+    for f in _walk_images(folder, extensions):
+        key = f.relative_to(folder).with_suffix('').as_posix()
+        if key in found: dup.append(f"{found[key].name} and {f.name}")
+        found[key] = f
+    if dup: raise ValueError(f"{folder} holds several files with one name: {', '.join(dup[:5])}; keep one per stem")
+    return found
+
+def _names(keys, n=5): keys = sorted(keys); return ', '.join(keys[:n]) + (f' and {len(keys) - n} more' if len(keys) > n else '')
+
+def mask_items(folder:Path|str, images:str='images', masks:str='masks', extensions=IMAGE_EXTENSIONS) -> list:
+    "`(image, mask)` path pairs of `folder/images` and `folder/masks`, matched by stem; a `ValueError` naming the unmatched files"
+    folder = Path(folder)
+    extensions = {e.lower() for e in extensions}
+    dirs = folder/images, folder/masks
+    for d in dirs:
+        if not d.is_dir(): raise ValueError(f"{folder} must hold the folders {images}/ and {masks}/; {d} is missing")
+    im, ms = (_image_files(d, extensions) for d in dirs)
+    if not im: raise ValueError(f"found no image files in {dirs[0]} (suffixes {sorted(extensions)[:8]}...)")
+    if set(im) - set(ms): raise ValueError(f"{len(set(im) - set(ms))} images in {dirs[0]} have no mask in {dirs[1]}: {_names(set(im) - set(ms))}")
+    if set(ms) - set(im): raise ValueError(f"{len(set(ms) - set(im))} masks in {dirs[1]} have no image in {dirs[0]}: {_names(set(ms) - set(im))}")
+    return [(im[k], ms[k]) for k in sorted(im)]
+def csv_mask_items(csv_file:Path|str, image_col:str='image', mask_col:str='mask') -> list:
+    "`(image, mask)` path pairs from the `image_col`, `mask_col` columns of `csv_file` (read as `_csv_table` says), relative paths from its folder"
+    return _csv_table(csv_file, (image_col, mask_col), files=(image_col, mask_col))
+
+def read_codes(path:Path|str) -> list:
+    "The class names of `codes.txt` at `path`, one a line (label 0 first); a `ValueError` for none, an empty line between names, or a repeated name"
+    lines = [l.strip() for l in Path(path).read_text().splitlines()]
+    while lines and not lines[-1]: lines.pop()
+    if not lines: raise ValueError(f"{path} holds no class names (one a line expected)")
+    if '' in lines: raise ValueError(f"{path} has an empty line {lines.index('') + 1} between class names")
+    dup = sorted({c for c in lines if lines.count(c) > 1})
+    if dup: raise ValueError(f"{path} names a class more than once: {dup}")
+    return lines
+
 # %% ../nbs/01c_datasets.ipynb #823ada49
 class SegmentationItems(NamedTuple):
     "What `segmentation_items` finds: `images`, their `masks`, the class names `codes` (label 0 first), the validation indices `valid`"
@@ -251,7 +328,6 @@ def random_split(n:int, valid_pct:float=0.2, seed:int=0) -> list[int]:
 
 def _segmentation_pairs(path:Path) -> tuple[list, Path|None]:
     "`(pairs, codes.txt or None)` of the folder or CSV at `path`"
-    from fastai_gray.masks import mask_items, csv_mask_items
     if not path.exists(): raise DatasetError(f"{path} does not exist")
     try:
         if path.is_file():
@@ -280,7 +356,7 @@ def _codes_of(values:list) -> list:
 def segmentation_items(path:Path|str, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None,
                        mapping:dict|None=None) -> SegmentationItems:
     "`(images, masks, codes, valid)` of the segmentation data set at `path` (folder of images/ and masks/, or CSV), checked before training"
-    from fastai_gray.masks import check_masks, read_codes
+    from fastai_gray.masks import check_masks
     path = Path(path)
     pairs, codes_file = _segmentation_pairs(path)
     try: codes = read_codes(codes_file) if codes_file else None

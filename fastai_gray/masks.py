@@ -6,7 +6,6 @@ Docs: https://fastai-gray.github.io/fastai_gray/masks.html.md"""
 
 # %% ../nbs/01b_masks.ipynb #f8344f7e
 from __future__ import annotations
-import csv, os
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -15,13 +14,12 @@ from fastcore.foundation import L
 from fastcore.parallel import parallel
 from fasttransform.transform import DisplayedTransform, ItemTransform
 from fastai.data.block import TransformBlock
-from fastai.data.transforms import IntToFloatTensor, image_extensions
+from fastai.data.transforms import IntToFloatTensor
 from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.core import PILMask, AddMaskCodes
 
 # %% auto #0
-__all__ = ['read_mask', 'check_mask_values', 'check_masks', 'mask_values', 'MaskOpener', 'MaskSizeCheck', 'GrayMaskBlock',
-           'mask_items', 'csv_mask_items', 'read_codes']
+__all__ = ['read_mask', 'check_mask_values', 'check_masks', 'mask_values', 'MaskOpener', 'MaskSizeCheck', 'GrayMaskBlock']
 
 # %% ../nbs/01b_masks.ipynb #ca0c1c09
 _LABEL_MODES = {'1', 'L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N'}
@@ -160,84 +158,3 @@ def GrayMaskBlock(codes=None, mapping:dict|None=None):
     n_codes = None if codes is None else len(codes)
     return TransformBlock(type_tfms=MaskOpener(n_codes, mapping), item_tfms=[AddMaskCodes(codes=codes), MaskSizeCheck()],
                           batch_tfms=IntToFloatTensor)
-
-# %% ../nbs/01b_masks.ipynb #3d64bba9
-def _walk_images(folder:Path|str, extensions) -> list[Path]:
-    "The files under `folder` with a suffix in `extensions` (lower case), recursively and sorted; hidden files and folders skipped, linked folders followed"
-    res = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        res += [Path(root)/f for f in sorted(files) if not f.startswith('.') and Path(f).suffix.lower() in extensions]
-    return res
-
-def _image_files(folder:Path, extensions) -> dict:
-    "`{stem path: file}` of the image files under `folder`, stems relative to it; a `ValueError` for two files with one stem"
-    found, dup = {}, []
-    for f in _walk_images(folder, extensions):
-        key = f.relative_to(folder).with_suffix('').as_posix()
-        if key in found: dup.append(f"{found[key].name} and {f.name}")
-        found[key] = f
-    if dup: raise ValueError(f"{folder} holds several files with one name: {', '.join(dup[:5])}; keep one per stem")
-    return found
-
-def _names(keys, n=5): keys = sorted(keys); return ', '.join(keys[:n]) + (f' and {len(keys) - n} more' if len(keys) > n else '')
-
-def mask_items(folder:Path|str, images:str='images', masks:str='masks', extensions=None) -> list:
-    "`(image, mask)` path pairs of `folder/images` and `folder/masks`, matched by stem; a `ValueError` naming the unmatched files"
-    folder = Path(folder)
-    extensions = set(e.lower() for e in (extensions or image_extensions))
-    dirs = folder/images, folder/masks
-    for d in dirs:
-        if not d.is_dir(): raise ValueError(f"{folder} must hold the folders {images}/ and {masks}/; {d} is missing")
-    im, ms = (_image_files(d, extensions) for d in dirs)
-    if not im: raise ValueError(f"found no image files in {dirs[0]} (suffixes {sorted(extensions)[:8]}...)")
-    if set(im) - set(ms): raise ValueError(f"{len(set(im) - set(ms))} images in {dirs[0]} have no mask in {dirs[1]}: {_names(set(im) - set(ms))}")
-    if set(ms) - set(im): raise ValueError(f"{len(set(ms) - set(im))} masks in {dirs[1]} have no image in {dirs[0]}: {_names(set(ms) - set(im))}")
-    return [(im[k], ms[k]) for k in sorted(im)]
-
-# %% ../nbs/01b_masks.ipynb #1737628f
-def _csv_rows(csv_file:Path) -> list:
-    "`(line number, cells)` of the non-empty rows of the CSV file `csv_file`, cells stripped"
-    try:
-        with open(csv_file, newline='', encoding='utf-8-sig') as f: rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e: raise ValueError(f"cannot read {csv_file} as a CSV file: {e}") from None
-    return [(i, [c.strip() for c in r]) for i, r in enumerate(rows, 1) if any(c.strip() for c in r)]
-
-def _csv_table(csv_file:Path|str, columns:tuple, files:tuple=(), aliases:dict|None=None) -> list:
-    "The rows of `csv_file` as tuples of its `columns`, with or without a header row naming them: `files` columns as paths from its folder, checked to exist, the first column listed once; a `ValueError` naming missing columns and every bad cell with its line"
-    csv_file = Path(csv_file)
-    names = {c: {c.lower()} | {a.lower() for a in (aliases or {}).get(c, ())} for c in columns}
-    rows, cols = _csv_rows(csv_file), list(range(len(columns)))
-    if rows:
-        head = [h.lower() for h in rows[0][1]]
-        if any(h in n for h in head for n in names.values()) and not (csv_file.parent/rows[0][1][0]).is_file():
-            missing = [c for c in columns if not names[c] & set(head)]
-            if missing: raise ValueError(f"{csv_file} has no column {' or '.join(map(repr, missing))}; its header is {rows[0][1]}")
-            cols, rows = [next(j for j, h in enumerate(head) if h in names[c]) for c in columns], rows[1:]
-    if not rows: raise ValueError(f"{csv_file} lists no rows of {','.join(columns)}")
-    table, bad, seen = [], [], {}
-    for line, row in rows:
-        cells = [row[j] if j < len(row) else '' for j in cols]
-        for col, v in zip(columns, cells):
-            if not v: bad.append(f"{col} (line {line}) is empty")
-            elif col in files and not (csv_file.parent/v).is_file(): bad.append(f"{col} {v!r} (line {line}) does not exist")
-        first = str(csv_file.parent/cells[0])
-        if cells[0] and first in seen: bad.append(f"{columns[0]} {cells[0]!r} (line {line}) is listed twice, first on line {seen[first]}")
-        seen.setdefault(first, line)
-        table.append(tuple(csv_file.parent/v if col in files else v for col, v in zip(columns, cells)))
-    if bad: raise ValueError(f"{csv_file} has {len(bad)} bad cell(s): " + '; '.join(bad[:5]) + (f'; and {len(bad) - 5} more' if len(bad) > 5 else ''))
-    return table
-
-def csv_mask_items(csv_file:Path|str, image_col:str='image', mask_col:str='mask') -> list:
-    "`(image, mask)` path pairs from the `image_col`, `mask_col` columns of `csv_file` (read as `_csv_table` says), relative paths from its folder"
-    return _csv_table(csv_file, (image_col, mask_col), files=(image_col, mask_col))
-
-def read_codes(path:Path|str) -> list:
-    "The class names of `codes.txt` at `path`, one a line (label 0 first); a `ValueError` for none, an empty line between names, or a repeated name"
-    lines = [l.strip() for l in Path(path).read_text().splitlines()]
-    while lines and not lines[-1]: lines.pop()
-    if not lines: raise ValueError(f"{path} holds no class names (one a line expected)")
-    if '' in lines: raise ValueError(f"{path} has an empty line {lines.index('') + 1} between class names")
-    dup = sorted({c for c in lines if lines.count(c) > 1})
-    if dup: raise ValueError(f"{path} names a class more than once: {dup}")
-    return lines
