@@ -14,21 +14,8 @@ from fastcore.basics import ifnone
 from .core import check_stats, gray_stats, rel_error
 
 # %% auto #0
-__all__ = ['find_first_conv', 'exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'SumFromRGB',
+__all__ = ['exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'find_first_conv', 'SumFromRGB',
            'update_first_layer', 'rgb_state_dict']
-
-# %% ../nbs/02_stem.ipynb #78a19870
-def find_first_conv(model:nn.Module):
-    "`(name, module)` of the layer that sees the input: timm's `pretrained_cfg['first_conv']` if a submodule names it, else the first `nn.Conv2d`"
-    for prefix, module in model.named_modules():
-        first = (getattr(module, 'pretrained_cfg', None) or {}).get('first_conv')
-        for name in ([first] if isinstance(first, str) else list(first or [])):
-            name = f'{prefix}.{name}' if prefix else name
-            try: return name, model.get_submodule(name)
-            except AttributeError: pass
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, ExactGrayConv)): return name, module
-    raise ValueError(f"found no nn.Conv2d in {type(model).__name__}: the first layer must be a Conv2d")
 
 # %% ../nbs/02_stem.ipynb #5ceb4dcc
 def _check_rgb_conv(name, conv):
@@ -129,6 +116,19 @@ def rgb_and_gray(g:torch.Tensor, stats=imagenet_stats, input_stats=None):
     (m3, s3), ((m1,), (s1,)) = check_stats(stats), check_stats(gray_stats(stats) if input_stats is None else input_stats, 1)
     x3 = (g.expand(-1, 3, -1, -1) - g.new_tensor(m3).view(1, 3, 1, 1)) / g.new_tensor(s3).view(1, 3, 1, 1)
     return x3, (g - m1) / s1
+
+# %% ../nbs/02_stem.ipynb #78a19870
+def find_first_conv(model:nn.Module):
+    "`(name, module)` of the layer that sees the input: timm's `pretrained_cfg['first_conv']` if a submodule names it, else the first `nn.Conv2d`"
+    for prefix, module in model.named_modules():
+        first = (getattr(module, 'pretrained_cfg', None) or {}).get('first_conv')
+        for name in ([first] if isinstance(first, str) else list(first or [])):
+            name = f'{prefix}.{name}' if prefix else name
+            try: return name, model.get_submodule(name)
+            except AttributeError: pass
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, ExactGrayConv)): return name, module
+    raise ValueError(f"found no nn.Conv2d in {type(model).__name__}: the first layer must be a Conv2d")
 
 # %% ../nbs/02_stem.ipynb #d3ce99a7
 class SumFromRGB:
