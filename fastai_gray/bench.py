@@ -38,10 +38,10 @@ from .unet import gray_unet_learner, timm_encoder
 
 # %% auto #0
 __all__ = ['PHOTOS', 'RECIPES', 'ACC_LEARNERS', 'SOURCES', 'PIPELINES', 'SEG_LEARNERS', 'STAGES', 'SETTINGS', 'machine_info',
-           'photo_crops', 'lite0', 'lite0_stats', 'fidelity', 'digits_folder', 'accuracy_learner', 'EpochLog',
-           'accuracy_run', 'make_sources', 'pipeline', 'time_data_path', 'draft_error', 'E2ERun', 'worker_main',
-           'end_to_end', 'seg_learner', 'seg_run', 'SegRun', 'seg_cost', 'onnx_speed', 'targets', 'results_markdown',
-           'plot_results', 'write_results', 'default_out', 'run_stages', 'merge_results', 'main']
+           'photo_crops', 'lite0', 'lite0_stats', 'fidelity', 'digits_folder', 'accuracy_learner', 'accuracy_run',
+           'make_sources', 'pipeline', 'time_data_path', 'draft_error', 'E2ERun', 'end_to_end', 'seg_learner',
+           'seg_run', 'seg_cost', 'onnx_speed', 'targets', 'results_markdown', 'plot_results', 'write_results',
+           'default_out', 'run_stages', 'merge_results', 'main']
 
 # %% ../nbs/06_bench.ipynb #0c3f9d41
 try: import skimage.data  # the photos of the fidelity and data-path stages
@@ -136,7 +136,7 @@ def accuracy_learner(which:str, folder:Path, bs:int=32):
     if which in ('sum', 'exact'): return gray_learner(dls, LITE0_ARCH, metrics=accuracy, init=which, **_ckpt())
     raise ValueError(f"which must be one of {ACC_LEARNERS}, got {which!r}")
 
-class EpochLog(Callback):
+class _EpochLog(Callback):
     "The recorder's values (train loss, valid loss, metrics) of every epoch, across the `fit`s of `fine_tune`"
     order = Recorder.order + 1
     def __init__(self): self.records = []
@@ -146,7 +146,7 @@ def _fine_tune_run(make, seed:int, epochs:int, lr:float) -> dict:
     "`make()`'s learner after `set_seed(seed)`, fine-tuned with `fine_tune(epochs, lr)` after `set_seed(seed)` again: its last metric after each epoch (the frozen one first), and the seconds"
     set_seed(seed)
     learn = make()
-    log = EpochLog()
+    log = _EpochLog()
     set_seed(seed)
     start = time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(epochs, lr, cbs=log)
@@ -301,11 +301,11 @@ def _say(obj):
     "One message to the parent process"
     print(_TAG + json.dumps(obj), flush=True)
 
-def worker_main(spec:str, commands=None) -> int:
-    """A worker's loop: build `E2ERun(**spec)` (`SegRun(**spec)` for `"task": "segment"`) of the JSON `spec`, then answer 'train',
+def _worker_main(spec:str, commands=None) -> int:
+    """A worker's loop: build `E2ERun(**spec)` (`_SegRun(**spec)` for `"task": "segment"`) of the JSON `spec`, then answer 'train',
     'preds' and 'quit' read from `commands` (stdin)"""
     spec = json.loads(spec)
-    run = (SegRun if spec.pop('task', 'classify') == 'segment' else E2ERun)(**spec)
+    run = (_SegRun if spec.pop('task', 'classify') == 'segment' else E2ERun)(**spec)
     _say(dict(ready=True, batch_shape=run.batch_shape, batch_bytes=run.batch_bytes))
     for line in (sys.stdin if commands is None else commands):
         cmd = line.strip()
@@ -318,10 +318,10 @@ def worker_main(spec:str, commands=None) -> int:
     return 0
 
 class _Worker:
-    "A worker process running `worker_main`, its stderr in `log`"
+    "A worker process running `_worker_main`, its stderr in `log`"
     def __init__(self, spec:dict, log:Path):
         self.log = open(log, 'w')
-        code = 'import sys; from fastai_gray.bench import worker_main; sys.exit(worker_main(sys.argv[1]))'
+        code = 'import sys; from fastai_gray.bench import _worker_main; sys.exit(_worker_main(sys.argv[1]))'
         self.proc = subprocess.Popen([sys.executable, '-c', code, json.dumps(spec)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
     def read(self) -> dict:
@@ -388,7 +388,7 @@ def seg_run(which:str, folder:Path, seed:int, epochs:int=1, lr:float=1e-3, bs:in
     r = _fine_tune_run(lambda: seg_learner(which, folder, bs), seed, epochs, lr)
     return dict(learner=which, seed=seed, epoch0=r['per_epoch'][0], dice=r['per_epoch'][-1], per_epoch=r['per_epoch'], seconds=r['seconds'])
 
-class SegRun(E2ERun):
+class _SegRun(E2ERun):
     "One side of the U-Net cost comparison: `seg_learner(which)` on `folder`, unfrozen and warmed up, timed as `E2ERun` times"
     def __init__(self, folder, which:str, bs:int=8, lr:float=1e-3, seed:int=0):
         set_seed(seed)
