@@ -1,6 +1,6 @@
 """A gray learner, classifier (`gray_learner`) and U-Net (`gray_unet_learner`), trains under fastai's `distrib_ctx` across
 2 CPU processes (torchrun, gloo backend) and ends with the same weights on both ranks: CPU only; NCCL and several GPUs are
-not tested. Slow: two processes import fastai and train (about 12 s each task on 2 idle cores)."""
+not tested. Slow: two processes import fastai and train (16 to 25 s a task on 2 shared cores)."""
 import os
 import socket
 import subprocess
