@@ -1,14 +1,17 @@
-"`gray_learner` over fastai's `model_meta` archs, a timm name, and a torchvision-style callable with pretrained weights."
+"""`gray_learner` over fastai's `model_meta` archs, a timm name, and a torchvision-style callable with pretrained weights;
+the checks moved out of nbs/04_learner.ipynb to keep that page fast: `rgb_state_dict` after training, and `GrayCallback`
+on RGB DataLoaders with and without a 3-channel `Normalize`."""
 import copy
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.vision.all import (DataBlock, CategoryBlock, RandomSplitter, Normalize, resnet18, densenet121, vgg11_bn,
-                               alexnet, squeezenet1_1, imagenet_stats)
+from PIL import Image
+from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, RandomSplitter, Normalize, resnet18, densenet121, vgg11_bn,
+                               alexnet, squeezenet1_1, imagenet_stats, get_image_files, parent_label, set_seed, vision_learner)
 from fastai.vision.models.xresnet import xresnet18
-from fastai_gray.all import (gray_learner, GrayImageBlock, ExactGrayConv, find_first_conv, gray_stats, update_first_layer,
-                             rgb_and_gray, rel_error)
+from fastai_gray.all import (gray_learner, GrayImageBlock, GrayCallback, ExactGrayConv, find_first_conv, gray_stats,
+                             update_first_layer, rgb_and_gray, rel_error, rgb_state_dict, lite0_checkpoint)
 
 
 @pytest.fixture(scope='module')
@@ -78,3 +81,56 @@ def test_half_precision_models_convert_exactly():
         x3, x1 = rgb_and_gray(torch.rand(2, 1, 41, 53))
         with torch.no_grad(): err = rel_error(m1.conv1(x1.to(dtype)), m3.conv1(x3.to(dtype)))
         assert err < 16 * torch.finfo(dtype).eps
+
+
+def folder_dls(folder, block=GrayImageBlock, batch_tfms=None):
+    return DataBlock(blocks=(block, CategoryBlock), get_items=get_image_files, get_y=parent_label, splitter=RandomSplitter(0.25, seed=0),
+                     batch_tfms=batch_tfms).dataloaders(folder, bs=4, num_workers=0)
+
+
+@pytest.fixture(scope='module')
+def gray_folder(tmp_path_factory, labelled_images):
+    return labelled_images(tmp_path_factory.mktemp('gray'), n=6, modes=('L',), size=32)
+
+
+@pytest.fixture(scope='module')
+def rgb_folder(gray_folder, tmp_path_factory):
+    "The gray images as RGB whose channels differ (so the luma matters), in the same class folders"
+    dest = tmp_path_factory.mktemp('rgb')
+    for f in get_image_files(gray_folder):
+        (dest/f.parent.name).mkdir(exist_ok=True)
+        a = np.asarray(Image.open(f)).astype(np.int32)
+        Image.fromarray(np.stack([a, (a * 3) % 256, 255 - a], -1).astype(np.uint8)).save(dest/f.parent.name/f.name)
+    return dest
+
+
+def test_trained_model_back_to_rgb_is_the_same_function(gray_folder):
+    "`rgb_state_dict` of a trained gray learner (ImageNet stats: both stem kernels trained) in fastai's 3-channel learner"
+    dls = folder_dls(gray_folder)
+    set_seed(2)
+    imnet = gray_learner(dls, resnet18, pretrained=False, stats=imagenet_stats)   # as if pretrained on ImageNet-normalized input
+    with imnet.no_bar(), imnet.no_logging(): imnet.fit(1, 1e-3)                    # training moves both stem kernels
+    rgb_dls = folder_dls(gray_folder, ImageBlock, Normalize.from_stats(*imagenet_stats))
+    back = vision_learner(rgb_dls, resnet18, pretrained=False)
+    back.model.load_state_dict(rgb_state_dict(imnet.model))
+    back.model.eval(); imnet.model.eval()
+    x, x3 = dls.valid.one_batch()[0], rgb_dls.valid.one_batch()[0]   # the same files, as gray and as ImageNet-normalized RGB
+    with torch.no_grad(): torch.testing.assert_close(back.model(x3), imnet.model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('norm', [None, 'imagenet'])
+def test_gray_callback_feeds_what_the_gray_pipeline_gives(gray_folder, rgb_folder, norm):
+    "On RGB DataLoaders (a 3-channel `Normalize` or none) the Lite0 model sees the gray batch within 1/255, trains, predicts"
+    gray_dls = folder_dls(rgb_folder)   # the RGB files read as gray: PIL's luma, rounded to 8 bits
+    gray_dls.add_tfms([Normalize.from_stats([.5], [.5])], 'after_batch')   # as gray_learner normalizes gray input for Lite0
+    want = gray_dls.valid.one_batch()[0]
+    dls3 = folder_dls(rgb_folder, ImageBlock, None if norm is None else Normalize.from_stats(*imagenet_stats))
+    set_seed(0)
+    learn = gray_learner(dls3, 'tf_efficientnet_lite0', pretrained_cfg_overlay=dict(file=lite0_checkpoint()))
+    cb, = learn.cbs.filter(lambda c: isinstance(c, GrayCallback))
+    learn.xb, learn.dl = (dls3.valid.one_batch()[0],), dls3.valid
+    cb.before_batch()
+    assert (learn.xb[0] - want).abs().max() * 0.5 <= 1/255 + 1e-6  # gray std 0.5 for Lite0
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-4)
+    with learn.no_bar(): label = learn.predict(next(rgb_folder.glob('b/*.png')))[0]
+    assert label in ('a', 'b', 'c')
