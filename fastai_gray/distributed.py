@@ -14,7 +14,8 @@ from fastai.distributed import DistributedDL
 __all__ = ['patch_distributed_broadcast']
 
 # %% ../nbs/07_distributed.ipynb #6feeb61e
-_fastai_broadcast = DistributedDL._broadcast
+# fastai's own, also where this module runs again after its patch was applied (a reload, this notebook after `fastai_gray.all`)
+_fastai_broadcast = getattr(DistributedDL._broadcast, 'fastai_broadcast', DistributedDL._broadcast)
 
 def _broadcast(self, t, rank):
     "Broadcast the index list `t` from `rank`: on the CPU for gloo, fastai's CUDA broadcast otherwise"
@@ -22,6 +23,7 @@ def _broadcast(self, t, rank):
     t = torch.as_tensor(t, dtype=torch.long)
     dist.broadcast(t, rank)
     return t.tolist()
+_broadcast.fastai_broadcast = _fastai_broadcast
 
 def patch_distributed_broadcast():
     "Let fastai's `DistributedDL` broadcast its indices over a gloo (CPU) process group; idempotent"
