@@ -15,7 +15,7 @@ from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.torch_core import defaults, TensorMask
 from fastai.data.transforms import get_c
-from fastai.layers import NormType
+from fastai.layers import NormType, ResBlock
 from fastai.optimizer import Adam
 from fastai.vision.core import PILMask
 from fastai.vision.learner import model_meta, _default_meta, create_body, cut_model
@@ -95,9 +95,24 @@ def _name_of(v):
     if isinstance(v, type) and getattr(nn, v.__name__, None) is v: return v.__name__
     return v
 
+class _LastCrossCheck:
+    "Load pre-hook of a 1-channel U-Net's last cross block: a checkpoint made for more input channels gets an error that says why it cannot load"
+    def __init__(self, width:int): self.width = width  # the block's input channels: the decoder's and the 1 gray channel
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        w = state_dict.get(prefix + 'convpath.0.0.weight')
+        if w is None or w.ndim != 4 or w.shape[1] <= self.width: return
+        error_msgs.append(f"the checkpoint's last cross block ({prefix.rstrip('.')}) takes {w.shape[1]} channels, the decoder's and "
+                          f"{w.shape[1] - self.width + 1} input channels; this 1-channel U-Net's takes {self.width}. That block mixes the input "
+                          f"channels with the decoder's through convs and activations, so it has no 1-channel form: only a U-Net made with "
+                          f"last_cross=False converts (make both with it); its first layer then converts as any other")
+
 def _unet_of(arch, encoder, n_out, img_size, head_init, unet_args, kwargs) -> DynamicUnet:
     "The 1-channel `DynamicUnet` on the converted `encoder`; `kwargs` go to the U-Net for a torchvision arch (timm's went to the encoder)"
-    return DynamicUnet(encoder, n_out, tuple(img_size), init=head_init, **unet_args, **({} if isinstance(arch, str) else kwargs))
+    unet = DynamicUnet(encoder, n_out, tuple(img_size), init=head_init, **unet_args, **({} if isinstance(arch, str) else kwargs))
+    if unet_args.get('last_cross', True):
+        cross = [m for m in unet.layers if isinstance(m, ResBlock)][-1]
+        cross.register_load_state_dict_pre_hook(_LastCrossCheck(cross.convpath[0][0].in_channels))
+    return unet
 
 @delegates(DynamicUnet.__init__, but=['init', 'encoder', 'n_out', 'img_size'])
 def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, init='exact', stats=None, config=None,
