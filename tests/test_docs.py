@@ -51,6 +51,30 @@ def test_module_pages_show_an_example_of_every_public_name():
     missing = {nb.name: m for nb in doc_audit.module_notebooks() if (m := doc_audit.missing_examples(nb))}
     assert not missing, f'no shown example with output (python tools/docs.py run NB saves outputs): {missing}'
 
+DOCUMENTED_MODULES = ('core', 'dicom', 'data', 'masks', 'datasets', 'stem', 'weights', 'learner', 'unet', 'train', 'export',
+                      'distributed', 'cli')  # the package's modules (bench is apart: a script with a page)
+
+def _parameters_without_docments(module:str) -> dict:
+    "`{name: [parameters]}` of the public functions and classes of fastai_gray.`module` whose parameters have no docment"
+    import importlib, inspect
+    from fastcore.docments import docments
+    mod, res = importlib.import_module(f'fastai_gray.{module}'), {}
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if not callable(obj) or name.isupper(): continue
+        f = obj.__init__ if inspect.isclass(obj) else obj
+        if getattr(f, '__module__', None) != mod.__name__: continue  # a class without its own __init__ (fastai's, fasttransform's)
+        docs = docments(f, full=False)
+        params = [p for p, v in inspect.signature(f).parameters.items()
+                  if p != 'self' and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+        if missing := [p for p in params if not docs.get(p)]: res[name] = missing
+    return res
+
+@pytest.mark.parametrize('module', DOCUMENTED_MODULES)
+def test_public_parameters_have_docments(module):
+    "Each parameter of a public function or class has a docment (fastcore's comment after it), which the docs show in a table"
+    assert not (missing := _parameters_without_docments(module)), f'fastai_gray.{module}: parameters without a docment: {missing}'
+
 def test_doc_audit_tells_an_example_from_a_check(tmp_path):
     "A name only in a hidden cell, an exported cell or a cell without outputs has no example; a shown cell with output is one"
     def cell(src, outputs=()): return dict(cell_type='code', source=src, outputs=list(outputs), metadata={}, execution_count=None)
