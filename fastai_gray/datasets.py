@@ -26,14 +26,18 @@ class DatasetWarning(UserWarning):
 
 class UnreadableImagesError(DatasetError):
     "Image files the gray pipeline cannot read: `bad` holds `(file, reason)` for each, in order"
-    def __init__(self, msg:str, bad:list):
+    def __init__(self,
+                 msg:str,  # the error message: how many files, what to do
+                 bad:list, # `(file, reason)` pairs, as `verify_gray_images` returns them
+                ):
         super().__init__(msg)
         self.bad = bad
 
 # %% ../nbs/01c_datasets.ipynb #44a0ca83
 IMAGE_EXTENSIONS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith('image/')} | {'.dcm', '.dicom'}
 
-def is_image_file(p:Path|str) -> bool:
+def is_image_file(p:Path|str, # a file name or path; only its extension is looked at
+                 ) -> bool:
     "Whether the name of `p` has an image (or DICOM) extension"
     return Path(p).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -45,7 +49,8 @@ def _walk_images(folder:Path|str, extensions) -> list[Path]:
         res += [Path(root)/f for f in sorted(files) if not f.startswith('.') and Path(f).suffix.lower() in extensions]
     return res
 
-def image_files(folder:Path|str) -> list[Path]:
+def image_files(folder:Path|str, # the folder searched, subfolders included
+               ) -> list[Path]:
     "Image files under `folder`, recursively and sorted, skipping hidden files and folders"
     return _walk_images(folder, IMAGE_EXTENSIONS)
 
@@ -65,7 +70,8 @@ def _valid_folder(folder:Path):
     if not (folder/'train').is_dir(): return None
     return next((folder/n for n in VALID_NAMES if (folder/n).is_dir()), None)
 
-def folder_items(folder:Path|str) -> tuple[list, list|None, list]:
+def folder_items(folder:Path|str, # a folder of class subfolders, or of train/ and valid/ (or val/) folders of them
+                ) -> tuple[list, list|None, list]:
     "`(items, valid, loose)` of an image folder: `(path, class)` pairs, indices of a given validation set (or None), loose images"
     folder = Path(folder)
     valid_dir = _valid_folder(folder)
@@ -116,13 +122,17 @@ def _csv_table(csv_file:Path|str, columns:tuple, files:tuple=(), aliases:dict|No
 _NAME_HEADERS = {'filename', 'file', 'fname', 'file_name', 'path', 'image', 'image_path', 'name', 'x'}
 _LABEL_HEADERS = {'label', 'labels', 'class', 'category', 'target', 'y'}
 
-def csv_items(path:Path|str) -> list:
+def csv_items(path:Path|str, # the CSV file; a header may name the columns, e.g. file/path/image and label/class/target
+             ) -> list:
     "`(path, label)` pairs from a CSV of `filename,label` rows (names relative to its folder), with or without a header"
     try: return _csv_table(path, ('filename', 'label'), files=('filename',), aliases={'filename': _NAME_HEADERS, 'label': _LABEL_HEADERS})
     except ValueError as e: raise DatasetError(str(e)) from None
 
 # %% ../nbs/01c_datasets.ipynb #21f9ffec
-def stratified_split(labels:list, valid_pct:float=0.2, seed:int=0) -> list[int]:
+def stratified_split(labels:list,         # the label of each item, in order (any hashable values)
+                     valid_pct:float=0.2, # share of each class held out for validation, between 0 and 1
+                     seed:int=0,          # seed of the random split; the same seed gives the same split
+                    ) -> list[int]:
     "Sorted indices of a random `valid_pct` of each class (rounded, keeping at least one item per class for training)"
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must lie between 0 and 1, got {valid_pct!r}")
     rng, by_class = random.Random(seed), defaultdict(list)
@@ -175,7 +185,12 @@ def _listed_items(path:Path) -> tuple[list, list|None]:
     if loose: warnings.warn(f"ignoring {len(loose)} image(s) not in a class subfolder, e.g. {loose[0]}", DatasetWarning, stacklevel=3)
     return items, valid
 
-def labelled_images(path:Path|str, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None) -> LabelledImages:
+def labelled_images(path:Path|str,       # a folder of class subfolders (or train/ and valid/ folders of them), or a CSV of filename,label rows
+                    valid_pct:float=0.2, # share of each class held out for validation, without train/valid folders
+                    seed:int=0,          # seed of the random split; the same seed gives the same split
+                    skip_bad:bool=False, # leave out unreadable images (with a warning each) instead of raising `UnreadableImagesError`
+                    window=None,         # `gray_image`'s window: (center, width), 'minmax', or for DICOM 'dicom' or a CT preset
+                   ) -> LabelledImages:
     "`(files, labels, valid)` of the dataset at `path` (folder or CSV), checked: images exist, can be read (or are skipped), 2+ classes"
     path = Path(path)
     items, valid = _listed_items(path)
@@ -219,7 +234,8 @@ def _written_once(dest:Path, name:str, n_files:int, write) -> Path:
 # %% ../nbs/01c_datasets.ipynb #899f28ea
 DIGITS_COUNT = 1797
 
-def digits_images(size:int|None=None):
+def digits_images(size:int|None=None, # side of the square images in pixels; None: the original 8x8
+                 ):
     "scikit-learn's 1,797 digits as `(uint8 images, labels)`, 0..16 scaled to 0..255 and rounded; resized to `size` pixels (bilinear) if given"
     import numpy as np
     from PIL import Image
@@ -229,7 +245,8 @@ def digits_images(size:int|None=None):
     if size: images = np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in images])
     return images, digits.target
 
-def digits_dataset(dest:Path|str|None=None) -> Path:
+def digits_dataset(dest:Path|str|None=None, # the folder written; None: `cache_dir()/'digits'`
+                  ) -> Path:
     "scikit-learn's 1,797 8x8 digits as PNG files in `dest/<digit>/` (default `cache_dir()/'digits'`), written once, atomically; never touches a folder it did not make"
     from fastai_gray.weights import cache_dir
     from PIL import Image
@@ -257,7 +274,11 @@ def _digit_scene(digit, size:int, rng):
     mask[top:top + s, left:left + s] = d > 0.5
     return (image.clip(0, 1) * 255).round().astype(np.uint8), mask
 
-def digits_segmentation_dataset(dest:Path|str|None=None, n:int=400, size:int=48, seed:int=0) -> Path:
+def digits_segmentation_dataset(dest:Path|str|None=None, # the folder written; None: one under `cache_dir()` named after `n`, `size` and `seed`
+                                n:int=400,               # number of image and mask pairs
+                                size:int=48,             # side of the square images in pixels
+                                seed:int=0,              # seed of the digits' choice, size, place and background
+                               ) -> Path:
     "`n` gray `size`-px images of digits on uneven backgrounds in `dest/images/`, their masks (0 background, 1 digit) in `dest/masks/`, and `codes.txt`; written once (default under `cache_dir()`)"
     import numpy as np
     from PIL import Image
@@ -286,7 +307,11 @@ def _image_files(folder:Path, extensions) -> dict:
 
 def _names(keys, n=5): keys = sorted(keys); return ', '.join(keys[:n]) + (f' and {len(keys) - n} more' if len(keys) > n else '')
 
-def mask_items(folder:Path|str, images:str='images', masks:str='masks', extensions=IMAGE_EXTENSIONS) -> list:
+def mask_items(folder:Path|str,             # the data set folder, holding the images and masks subfolders
+               images:str='images',         # name of the subfolder of images in `folder`
+               masks:str='masks',           # name of the subfolder of masks in `folder`
+               extensions=IMAGE_EXTENSIONS, # file suffixes taken as images (any case), e.g. {'.png', '.tif'}
+              ) -> list:
     "`(image, mask)` path pairs of `folder/images` and `folder/masks`, matched by stem; a `ValueError` naming the unmatched files"
     folder = Path(folder)
     extensions = {e.lower() for e in extensions}
@@ -298,11 +323,15 @@ def mask_items(folder:Path|str, images:str='images', masks:str='masks', extensio
     if set(im) - set(ms): raise ValueError(f"{len(set(im) - set(ms))} images in {dirs[0]} have no mask in {dirs[1]}: {_names(set(im) - set(ms))}")
     if set(ms) - set(im): raise ValueError(f"{len(set(ms) - set(im))} masks in {dirs[1]} have no image in {dirs[0]}: {_names(set(ms) - set(im))}")
     return [(im[k], ms[k]) for k in sorted(im)]
-def csv_mask_items(csv_file:Path|str, image_col:str='image', mask_col:str='mask') -> list:
+def csv_mask_items(csv_file:Path|str,     # a CSV of image,mask rows, paths relative to its folder; the header is optional
+                   image_col:str='image', # the image column's header name; without a header, the first column
+                   mask_col:str='mask',   # the mask column's header name; without a header, the second column
+                  ) -> list:
     "`(image, mask)` path pairs from the `image_col`, `mask_col` columns of `csv_file` (read as `_csv_table` says), relative paths from its folder"
     return _csv_table(csv_file, (image_col, mask_col), files=(image_col, mask_col))
 
-def read_codes(path:Path|str) -> list:
+def read_codes(path:Path|str, # the codes.txt file
+              ) -> list:
     "The class names of `codes.txt` at `path`, one a line (label 0 first); a `ValueError` for none, an empty line between names, or a repeated name"
     lines = [l.strip() for l in Path(path).read_text().splitlines()]
     while lines and not lines[-1]: lines.pop()
@@ -320,7 +349,10 @@ class SegmentationItems(NamedTuple):
     codes: list
     valid: list
 
-def random_split(n:int, valid_pct:float=0.2, seed:int=0) -> list[int]:
+def random_split(n:int,               # number of items
+                 valid_pct:float=0.2, # share held out for validation, between 0 and 1
+                 seed:int=0,          # seed of the random split; the same seed gives the same split
+                ) -> list[int]:
     "Sorted indices of a random `valid_pct` of `n` items (rounded; at least one, and at least one left for training)"
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must lie between 0 and 1, got {valid_pct!r}")
     if n < 2: return []
@@ -353,8 +385,13 @@ def _codes_of(values:list) -> list:
                            f"(mapping={{255: 1}}, --map 255:1 for 0/255 masks)")
     return [str(v) for v in values]
 
-def segmentation_items(path:Path|str, valid_pct:float=0.2, seed:int=0, skip_bad:bool=False, window=None,
-                       mapping:dict|None=None) -> SegmentationItems:
+def segmentation_items(path:Path|str,          # a folder of images/ and masks/ (and codes.txt), or a CSV of image,mask rows
+                       valid_pct:float=0.2,    # share held out for validation, between 0 and 1
+                       seed:int=0,             # seed of the random split; the same seed gives the same split
+                       skip_bad:bool=False,    # leave out unreadable images (with a warning each) instead of raising `UnreadableImagesError`
+                       window=None,            # `gray_image`'s window: (center, width), 'minmax', or for DICOM 'dicom' or a CT preset
+                       mapping:dict|None=None, # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+                      ) -> SegmentationItems:
     "`(images, masks, codes, valid)` of the segmentation data set at `path` (folder of images/ and masks/, or CSV), checked before training"
     from fastai_gray.masks import check_masks
     path = Path(path)

@@ -43,7 +43,9 @@ def _mask_array(im:Image.Image, name:str) -> np.ndarray:
     if im.mode == 'I' and a.size and a.min() < 0: raise ValueError(f"mask {name} holds negative labels (down to {a.min()})")
     return a.astype(np.int32)
 
-def read_mask(fn:Path|str|Image.Image|np.ndarray, mapping:dict|None=None) -> np.ndarray:
+def read_mask(fn:Path|str|Image.Image|np.ndarray, # a mask file (name or `Path`), PIL image, or HxW integer array
+              mapping:dict|None=None,             # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+             ) -> np.ndarray:
     "The labels of mask `fn` (a file, PIL image or integer array) as an int32 HxW array, exactly: 16-bit labels are not rescaled; `mapping` replaces values (e.g. `{255: 1}`), others are kept"
     _check_mapping(mapping)
     name = _mask_name(fn)
@@ -68,7 +70,10 @@ def _check_n_codes(n_codes):
     if not isinstance(n_codes, (int, np.integer)) or isinstance(n_codes, bool) or n_codes < 1:
         raise ValueError(f"n_codes is the number of classes, a positive int; got {n_codes!r}")
 
-def check_mask_values(a:np.ndarray, n_codes:int, name='mask'):
+def check_mask_values(a:np.ndarray, # integer labels of the mask (or just its unique values), any shape
+                      n_codes:int,  # the number of classes: labels must lie in 0..n_codes-1
+                      name='mask',  # what the error calls the mask, e.g. its file name
+                     ):
     "A `ValueError` naming mask `name` and its offending values unless every label of `a` is in `range(n_codes)`"
     bad = np.unique(a[(a < 0) | (a >= n_codes)])
     if len(bad):
@@ -101,7 +106,12 @@ def _check_mask(pair, n_codes, mapping):
     except (OSError, ValueError) as e: return values, str(e)
     return values, None
 
-def check_masks(masks, n_codes:int|None, images=None, mapping:dict|None=None, n_workers:int=defaults.cpus) -> list:
+def check_masks(masks,                       # mask files, PIL images or arrays, as `read_mask` takes them
+                n_codes:int|None,            # the number of classes: labels must lie in 0..n_codes-1; None: any labels
+                images=None,                 # each mask's image (same order), whose size it must have; None: sizes not checked
+                mapping:dict|None=None,      # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+                n_workers:int=defaults.cpus, # threads reading the masks; 0 reads them one by one
+               ) -> list:
     "Read every mask of `masks` once, before any training: their sorted label values (after `mapping`), or a `ValueError` naming the files whose labels are outside `range(n_codes)` (None: any labels), that cannot be read, or whose size differs from the image of `images` (same order)"
     if n_codes is not None: _check_n_codes(n_codes)
     _check_mapping(mapping)
@@ -115,7 +125,10 @@ def check_masks(masks, n_codes:int|None, images=None, mapping:dict|None=None, n_
         raise ValueError(f"{len(reasons)} of {len(masks)} masks are not usable:\n" + '\n'.join(reasons[:10]) + more)
     return sorted(int(v) for v in np.unique(np.concatenate([v for v, _ in checked]))) if len(checked) else []
 
-def mask_values(masks, mapping:dict|None=None, n_workers:int=defaults.cpus) -> list:
+def mask_values(masks,                       # mask files, PIL images or arrays, as `read_mask` takes them
+                mapping:dict|None=None,      # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+                n_workers:int=defaults.cpus, # threads reading the masks; 0 reads them one by one
+               ) -> list:
     "The sorted label values found in `masks` (after `mapping`): the codes of a data set that comes without a list of them"
     return check_masks(masks, None, mapping=mapping, n_workers=n_workers)
 
@@ -124,7 +137,10 @@ class MaskOpener(DisplayedTransform):
     "Type transform of `GrayMaskBlock`: mask `fn` as a `PILMask` of exact labels (after `mapping`), checked against `n_codes`"
     input_types = (Path, str, Image.Image, np.ndarray)
     loss_func = CrossEntropyLossFlat(axis=1)  # the loss a Learner takes from the data, as for fastai's masks
-    def __init__(self, n_codes:int|None=None, mapping:dict|None=None):
+    def __init__(self,
+                 n_codes:int|None=None,  # the number of classes: labels must lie in 0..n_codes-1; None: any labels
+                 mapping:dict|None=None, # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+                ):
         if n_codes is not None: _check_n_codes(n_codes)
         _check_mapping(mapping)
         store_attr()
@@ -153,7 +169,9 @@ class MaskSizeCheck(ItemTransform):
                                      f"but its image is {im.size[0]}x{im.size[1]}; a mask must have its image's size")
         return xy
 
-def GrayMaskBlock(codes=None, mapping:dict|None=None):
+def GrayMaskBlock(codes=None,             # the class names, label 0 first (fastai's vocab of segmentation classes); None: labels not checked
+                  mapping:dict|None=None, # mask values to labels, e.g. {255: 1} for 0/255 masks; other values kept
+                 ):
     "fastai's `MaskBlock(codes)`, reading label masks exactly (8/16-bit, `mapping` such as `{255: 1}` applied), labels checked against `codes`, sizes against the image"
     n_codes = None if codes is None else len(codes)
     return TransformBlock(type_tfms=MaskOpener(n_codes, mapping), item_tfms=[AddMaskCodes(codes=codes), MaskSizeCheck()],
