@@ -303,7 +303,7 @@ def _header_row(fn, tags) -> dict:
 
 def dicom_headers(files,                       # the DICOM files: names or `Path`s, in a list or anything `L` takes
                   tags=DICOM_TAGS,             # DICOM keywords to read, one column each
-                  n_workers:int=defaults.cpus, # threads reading the files (default: the number of CPUs)
+                  n_workers:int=defaults.cpus, # threads reading the files; 0 reads them one by one
                  ):
     "A pandas `DataFrame` of the DICOM headers of `files`: one row a file, its `path`, the `tags` as plain values, and `error` (why it cannot be read, or None)"
     _pydicom()
