@@ -16,7 +16,9 @@ __all__ = ['LUMA_WEIGHTS', 'luma', 'check_stats', 'gray_stats', 'rel_error']
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 # %% ../nbs/00_core.ipynb #8ca2a357
-def luma(x, dim:int=-3):
+def luma(x,          # RGB image or batch, e.g. (3,H,W) or (N,3,H,W): a tensor or array
+         dim:int=-3, # the channel axis: -3 for fastai's (C,H,W) and (N,C,H,W), -1 for (H,W,3) arrays
+        ):
     "Gray image from the 3 RGB channels of `x` (tensor or array) along `dim`, ITU-R 601 weights, that axis kept with size 1"
     if x.shape[dim] != 3:
         raise ValueError(f"luma needs 3 RGB channels along dim {dim}, got shape {tuple(x.shape)}")
@@ -34,7 +36,10 @@ def _as_float64(values):
     if isinstance(values, torch.Tensor): values = values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64).reshape(-1)
 
-def check_stats(stats, n_channels:int=3, name:str='stats'):
+def check_stats(stats,            # the normalization to check: a `(mean, std)` pair of sequences, arrays or tensors
+                n_channels:int=3, # how many means, and how many stds, `stats` must hold
+                name:str='stats', # what the error messages call `stats`
+               ):
     "`stats` as `(mean, std)` tuples of `n_channels` floats; a clear error for anything else"
     try: mean, std = stats
     except (TypeError, ValueError):
@@ -47,13 +52,17 @@ def check_stats(stats, n_channels:int=3, name:str='stats'):
     return mean, std
 
 # %% ../nbs/00_core.ipynb #4bd5cab8
-def gray_stats(stats=imagenet_stats):
+def gray_stats(stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)`
+              ):
     "The 1-channel `([mean], [std])` that go with 3-channel `stats`, by the ITU-R 601 luma weights"
     mean, std = check_stats(stats)
     return [float(luma(np.array(mean), dim=0)[0])], [float(luma(np.array(std), dim=0)[0])]
 
 # %% ../nbs/00_core.ipynb #0d8900e7
-def rel_error(a, b, dim:int|None=None):
+def rel_error(a,                 # the values to judge: a tensor or array
+              b,                 # the reference values, of `a`'s shape
+              dim:int|None=None, # None: one error over all values; an axis: one error per index along it
+             ):
     "`||a - b|| / ||b||` of `a` against the reference `b` (tensors or arrays of one shape) in float64: a float, or with `dim` a float64 tensor of one error per index along `dim`"
     a, b = (torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).detach().double() for v in (a, b))
     if a.shape != b.shape: raise ValueError(f"rel_error compares tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")

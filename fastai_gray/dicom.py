@@ -51,7 +51,8 @@ def _is_dataset(x):
     pydicom = sys.modules.get('pydicom')
     return pydicom is not None and isinstance(x, pydicom.Dataset)
 
-def is_dicom(src) -> bool:
+def is_dicom(src, # the file: its name or `Path`, its bytes, or a pydicom `Dataset`; anything else is not DICOM
+            ) -> bool:
     "Whether `src` is DICOM: a pydicom `Dataset`, bytes or a file with the 'DICM' mark after the preamble, or a file name ending in .dcm or .dicom"
     if _is_dataset(src): return True
     if isinstance(src, bytes): return src[_PREAMBLE:_PREAMBLE + 4] == b'DICM'
@@ -68,7 +69,9 @@ def _source_name(src) -> str:
     if _is_dataset(src): return f"<Dataset {getattr(src, 'filename', None) or ''}>".replace(' >', '>')
     return repr(str(src))
 
-def read_dicom(src, stop_before_pixels:bool=False):
+def read_dicom(src,                           # the file: its name or `Path`, its bytes, or a pydicom `Dataset`
+               stop_before_pixels:bool=False, # read the header only, not the pixel data (faster for many files)
+              ):
     "The pydicom `Dataset` of DICOM file `src` (file name, `Path` or the file's bytes; a `Dataset` is returned as is); an `OSError` naming the file if it cannot be read"
     pydicom = _pydicom()
     if _is_dataset(src): return src
@@ -139,7 +142,9 @@ def _values(ds, stored:np.ndarray) -> np.ndarray:
     if stored.ndim == 3: return luma(stored.astype(np.float64), dim=-1)[..., 0]
     return px.apply_modality_lut(stored, ds)
 
-def dicom_values(src, frame:int|None=None) -> np.ndarray:
+def dicom_values(src,                 # the file: its name or `Path`, its bytes, or a pydicom `Dataset`
+                 frame:int|None=None, # the frame (from 0) of a multi-frame file to read; None: the only frame (a multi-frame file raises)
+                ) -> np.ndarray:
     "The values of DICOM `src` (file name, `Path`, bytes or pydicom `Dataset`) in modality units (HU for CT), color as its luma; one frame, picked by `frame`"
     ds = read_dicom(src)
     stored = _decoded(ds, frame, _source_name(src))
@@ -195,14 +200,18 @@ def _check_window(window):
                          f"width > 0; or 'minmax' (each image's own minimum to maximum); or, for DICOM files, 'dicom' (the "
                          f"file's own window) or a CT preset: {', '.join(WINDOWS)}; got {window!r}")
 
-def window_range(window) -> tuple[float, float]:
+def window_range(window, # `(center, width)` in modality units (HU for CT), or a CT preset of `WINDOWS` by name
+                ) -> tuple[float, float]:
     "The values `(lo, hi)` that a fixed `window` (a `(center, width)` pair, or a name in `WINDOWS`) maps to black and white"
     _check_window(window)
     if isinstance(window, str) and window not in WINDOWS: raise ValueError(f"window {window!r} has no fixed range")
     center, width = WINDOWS.get(window, window) if isinstance(window, str) else window
     return center - width / 2, center + width / 2
 
-def unit_range(v:np.ndarray, lo:float, hi:float) -> np.ndarray:
+def unit_range(v:np.ndarray, # the values to map: an array, or anything `np.asarray` takes
+               lo:float,     # the value that maps to 0 (black)
+               hi:float,     # the value that maps to 1 (white)
+              ) -> np.ndarray:
     "`v` mapped linearly from `lo`..`hi` to 0..1 and clipped there (float64); all 0 if `hi <= lo`"
     v = np.asarray(v, dtype=np.float64)
     return np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
@@ -259,7 +268,10 @@ def _picture(ds, values:np.ndarray, window, name:str) -> np.ndarray:
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1': out = 1 - out
     return out.astype(np.float32)
 
-def dicom_gray(src, window:tuple|str|None=None, frame:int|None=None) -> np.ndarray:
+def dicom_gray(src,                        # the file: its name or `Path`, its bytes, or a pydicom `Dataset`
+               window:tuple|str|None=None, # `(center, width)` (modality units), 'minmax', 'dicom', a `WINDOWS` name; None: 'dicom', else full range
+               frame:int|None=None,        # the frame (from 0) of a multi-frame file to read; None: the only frame (a multi-frame file raises)
+              ) -> np.ndarray:
     "The picture of DICOM `src` (file name, `Path`, bytes or pydicom `Dataset`), float32 from 0 black to 1 white: one frame (`frame`), through `window` (default: the file's own), MONOCHROME1 inverted"
     _check_window(window); _check_frame(frame)
     ds, name = read_dicom(src), _source_name(src)
@@ -289,7 +301,10 @@ def _header_row(fn, tags) -> dict:
     except OSError as e: ds, error = {}, str(e)
     return {'path': fn, **{t: _plain(ds.get(t)) if error is None else None for t in tags}, 'error': error}
 
-def dicom_headers(files, tags=DICOM_TAGS, n_workers:int=defaults.cpus):
+def dicom_headers(files,                       # the DICOM files: names or `Path`s, in a list or anything `L` takes
+                  tags=DICOM_TAGS,             # DICOM keywords to read, one column each
+                  n_workers:int=defaults.cpus, # threads reading the files; 0 reads them one by one
+                 ):
     "A pandas `DataFrame` of the DICOM headers of `files`: one row a file, its `path`, the `tags` as plain values, and `error` (why it cannot be read, or None)"
     _pydicom()
     import pandas as pd

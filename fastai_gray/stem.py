@@ -37,7 +37,10 @@ def _set_submodule(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 # %% ../nbs/02_stem.ipynb #9d401fe6
-def exact_gray_weights(weight:torch.Tensor, stats=imagenet_stats, input_stats=None):
+def exact_gray_weights(weight:torch.Tensor,  # the 3-channel conv's weight, of shape (out, 3, kh, kw)
+                       stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)`
+                       input_stats=None,     # the gray model's input normalization `([mean], [std])`; None: `gray_stats(stats)`
+                      ):
     "`(W1, K)`: kernels of a 1-channel conv computing the 3-channel conv `weight` on gray input; `K` is for an image of ones"
     if weight.ndim != 4 or weight.shape[1] != 3:
         raise ValueError(f"expected a conv weight of shape (out, 3, kh, kw), got {tuple(weight.shape)}")
@@ -48,7 +51,9 @@ def exact_gray_weights(weight:torch.Tensor, stats=imagenet_stats, input_stats=No
     return fold(s1 / s3), fold((m1 - m3) / s3)
 
 # %% ../nbs/02_stem.ipynb #311b6a3f
-def sum_gray_weights(weight:torch.Tensor, n_in:int=1):
+def sum_gray_weights(weight:torch.Tensor, # the 3-channel conv's weight, of shape (out, 3, kh, kw)
+                     n_in:int=1,          # input channels to convert to, as fastai's `n_in`
+                    ):
     "fastai's `_load_pretrained_weights`: a `n_in`-channel kernel from the 3-channel `weight`"
     if weight.ndim != 4 or weight.shape[1] != 3:
         raise ValueError(f"expected a conv weight of shape (out, 3, kh, kw), got {tuple(weight.shape)}")
@@ -72,7 +77,12 @@ def _conv_like(conv:nn.Conv2d, n_in:int=1, bias:bool=True):
 # %% ../nbs/02_stem.ipynb #dfba9cb2
 class ExactGrayConv(nn.Module):
     "1-channel stand-in for the 3-channel `conv`: equal outputs on gray input normalized with `input_stats`, borders included"
-    def __init__(self, conv:nn.Conv2d, stats=imagenet_stats, input_stats=None, pretrained:bool=True):
+    def __init__(self,
+                 conv:nn.Conv2d,       # the 3-input-channel, ungrouped conv to stand in for (left unchanged)
+                 stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)`
+                 input_stats=None,     # the gray model's input normalization `([mean], [std])`; None: `gray_stats(stats)`
+                 pretrained:bool=True, # convert `conv`'s trained weights; False: a fresh default initialization
+                ):
         super().__init__()
         _check_rgb_conv('conv', conv)
         self.stats = check_stats(stats)
@@ -111,14 +121,18 @@ class ExactGrayConv(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 # %% ../nbs/02_stem.ipynb #879edcc3
-def rgb_and_gray(g:torch.Tensor, stats=imagenet_stats, input_stats=None):
+def rgb_and_gray(g:torch.Tensor,       # the gray images before any normalization
+                 stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)`
+                 input_stats=None,     # the gray model's input normalization `([mean], [std])`; None: `gray_stats(stats)`
+                ):
     "The gray batch `g` (N,1,H,W) as the 3-channel model sees it (copied, normalized by `stats`) and as the 1-channel model sees it"
     (m3, s3), ((m1,), (s1,)) = check_stats(stats), check_stats(gray_stats(stats) if input_stats is None else input_stats, 1)
     x3 = (g.expand(-1, 3, -1, -1) - g.new_tensor(m3).view(1, 3, 1, 1)) / g.new_tensor(s3).view(1, 3, 1, 1)
     return x3, (g - m1) / s1
 
 # %% ../nbs/02_stem.ipynb #78a19870
-def find_first_conv(model:nn.Module):
+def find_first_conv(model:nn.Module, # the model to search: timm's, torchvision's, fastai's or any `nn.Module`
+                   ):
     "`(name, module)` of the layer that sees the input: timm's `pretrained_cfg['first_conv']` if a submodule names it, else the first `nn.Conv2d`"
     for prefix, module in model.named_modules():
         first = (getattr(module, 'pretrained_cfg', None) or {}).get('first_conv')
@@ -133,7 +147,9 @@ def find_first_conv(model:nn.Module):
 # %% ../nbs/02_stem.ipynb #d3ce99a7
 class SumFromRGB:
     "Load-state-dict pre-hook of a `'sum'` stem: converts a 3-channel `weight` in the checkpoint with `sum_gray_weights`"
-    def __init__(self, n_in:int): self.n_in = n_in
+    def __init__(self,
+                 n_in:int, # input channels to convert to, as fastai's `n_in`
+                ): self.n_in = n_in
     def __call__(self, module, state_dict, prefix, *args):
         w = state_dict.get(prefix + 'weight')
         if w is not None and w.ndim == 4 and w.shape[1] == 3 and self.n_in != 3:
@@ -150,8 +166,13 @@ def _check_init(init, n_in):
         raise ValueError(f"init='exact' converts to 1 input channel, got n_in={n_in}; use init='sum' for {n_in} channels")
 
 # %% ../nbs/02_stem.ipynb #261d5629
-def update_first_layer(model:nn.Module, n_in:int=1, pretrained:bool=True, init:str='exact',
-                       stats=imagenet_stats, input_stats=None):
+def update_first_layer(model:nn.Module,      # the model to change, in place; its first layer a 3-channel, ungrouped `nn.Conv2d`
+                       n_in:int=1,           # input channels to convert to, as fastai's `n_in` (3: `model` unchanged)
+                       pretrained:bool=True, # convert the layer's trained weights; False: a fresh default initialization
+                       init:str='exact',     # first-layer conversion: 'exact' (`ExactGrayConv`, 1 channel) or 'sum' (fastai's, `sum_gray_weights`)
+                       stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)` ('exact' only)
+                       input_stats=None,     # the gray model's input normalization `([mean], [std])`; None: `gray_stats(stats)` ('exact' only)
+                      ):
     "Change the input layer of `model` (in place, returned) to take `n_in` channels, converting its weights by `init`"
     _check_init(init, n_in)
     if n_in == 3: return model
@@ -204,7 +225,10 @@ def _rgb_from_gray(w1, k, stats, input_stats):
     return W.view(3, out, kh, kw).transpose(0, 1).to(w1.dtype).to(w1.device)
 
 # %% ../nbs/02_stem.ipynb #b947c937
-def rgb_state_dict(model:nn.Module, stats=None, input_stats=None) -> dict:
+def rgb_state_dict(model:nn.Module,  # a gray model: its first layer an `ExactGrayConv` or a 1-channel `nn.Conv2d`
+                   stats=None,       # the 3-channel model's input normalization `(mean, std)`; None: the stem's own, or ImageNet's
+                   input_stats=None, # the gray model's input normalization `([mean], [std])`; None: the stem's own, or `gray_stats(stats)`
+                  ) -> dict:
     "State dict of the gray `model` with its first layer as the equivalent 3-channel conv, for a 3-channel model of the same arch"
     name, stem = find_first_conv(model)
     state = model.state_dict()

@@ -21,7 +21,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'fastai_gray'
 
 # %% ../nbs/03_weights.ipynb #6097ba1e
-def lite0_checkpoint(cache:Path|None=None) -> Path:
+def lite0_checkpoint(cache:Path|None=None, # the folder to keep the converted checkpoint in; None: `cache_dir()`
+                    ) -> Path:
     "Path of the ImageNet EfficientNet-Lite0 checkpoint under timm's `tf_efficientnet_lite0` keys, converted once and cached"
     dest = Path(cache or cache_dir()) / f'{LITE0_ARCH}.pth'
     if dest.exists(): return dest
@@ -43,7 +44,10 @@ def lite0_checkpoint(cache:Path|None=None) -> Path:
     return dest
 
 # %% ../nbs/03_weights.ipynb #abd72399
-def timm_offline_kwargs(arch:str, pretrained:bool, kwargs:dict) -> dict:
+def timm_offline_kwargs(arch:str,        # the timm model name, as `timm.create_model` takes it
+                        pretrained:bool, # whether the model is to load pretrained weights
+                        kwargs:dict,     # the other keyword arguments for `timm.create_model`, not changed in place
+                       ) -> dict:
     "`kwargs` for `timm.create_model(arch)`: for pretrained Lite0 with no `pretrained_cfg_overlay` given, the packaged checkpoint"
     if not pretrained or arch != LITE0_ARCH or 'pretrained_cfg_overlay' in kwargs: return kwargs
     return {**kwargs, 'pretrained_cfg_overlay': dict(file=str(lite0_checkpoint()))}
@@ -64,7 +68,8 @@ def _raised_loading_weights(e:BaseException) -> bool:
     return False
 
 @contextlib.contextmanager
-def pretrained_weights_errors(arch_name:str):
+def pretrained_weights_errors(arch_name:str, # the arch as the error message names it, e.g. the name the user gave
+                             ):
     "Within the block, an error raised while fetching or loading pretrained weights becomes a `PretrainedWeightsError` naming `arch_name`"
     try: yield
     except Exception as e:
