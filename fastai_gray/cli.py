@@ -104,7 +104,8 @@ def _final_metric(learn) -> str:
     count = f" ({round(value * n_valid)}/{n_valid} images)" if name == 'accuracy' else f" ({n_valid} images)"
     return f"validation {name.replace('_multi', '')}: {value:.4f}{count}"
 
-def train(args) -> int:
+def train(args, # the `train` command's options, as `argparse` parses them (a `Namespace`)
+         ) -> int:
     "`fastai-gray train`: fine-tune a gray learner on `args.path` (default: the digits) and export it to `args.out`"
     kwargs = {k: getattr(args, k) for k in _TRAIN_ARGS}
     try: check_train_args(**kwargs)
@@ -165,7 +166,8 @@ def _mask_summary(mask, codes) -> str:
     counts = np.bincount(mask.ravel(), minlength=len(codes))
     return ', '.join(f"{c} {n / mask.size:.1%}" for c, n in zip(codes, counts))
 
-def predict(args) -> int:
+def predict(args, # the `predict` command's options, as `argparse` parses them (a `Namespace`)
+           ) -> int:
     "`fastai-gray predict`: print `path, class, probability` (or `path, mask file, share of each code`) for each image; unreadable files on stderr, exit status 1"
     from fastprogress.fastprogress import progress_bar
     from fastai_gray.train import is_segmentation, class_names
@@ -191,7 +193,8 @@ def predict(args) -> int:
             else: print(f"{row['file']}\t{row['label']}\t{row['probability']:.4f}", file=out, flush=True)
     return 1 if failed else 0
 
-def export(args) -> int:
+def export(args, # the `export` command's options, as `argparse` parses them (a `Namespace`)
+          ) -> int:
     "`fastai-gray export MODEL --onnx OUT`: the model for ONNX Runtime"
     from fastai_gray.export import export_onnx
     out = Path(args.onnx).expanduser().absolute()
@@ -203,7 +206,8 @@ def export(args) -> int:
     return 0
 
 # %% ../nbs/05_cli.ipynb #426994f5
-def bench(argv:list) -> int:
+def bench(argv:list, # the command-line arguments after `bench`, as strings
+         ) -> int:
     "`fastai-gray bench`: run `fastai_gray.bench.main(argv)`"
     try: bench_module = importlib.import_module('fastai_gray.bench')
     except ModuleNotFoundError as e:
@@ -280,7 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/05_cli.ipynb #1f24e2ef
-def main(argv:list|None=None) -> int:
+def main(argv:list|None=None, # the command-line arguments without the program name, as strings
+        ) -> int:
     "Run `fastai-gray` with `argv` (default `sys.argv[1:]`); return the exit status"
     argv = list(sys.argv[1:] if argv is None else argv)
     if 'torch' not in sys.modules: os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before OpenMP loads; see Threads

@@ -138,7 +138,9 @@ def _check_fields(d, fields:dict, where:str, src:str):
         elif getattr(check, 'fields', None) and d[k] is not None: _check_fields(d[k], check.fields, f'{where}{k}.', src)
         elif not check(d[k]): raise ModelFileError(f"{src}: field '{where}{k}' must be {expected}; got {d[k]!r}"[:500])
 
-def check_model_meta(meta:dict, src:str='model file') -> dict:
+def check_model_meta(meta:dict, # field name to value, each value decoded from its JSON string
+                     src:str='model file', # what the error messages name as the source: the file's path, say
+                    ) -> dict:
     "`meta` (the decoded metadata of a model file) if every field is known and valid, else a `ModelFileError` naming the field"
     if not isinstance(meta, dict): raise ModelFileError(f"{src}: the metadata must be a JSON object")
     for k in ('format', 'format_version'):  # first: a file of another kind or version has other fields
@@ -258,7 +260,8 @@ def _labels_of(learn, task:str) -> list:
                          f"({'set dls.vocab = codes, or give GrayMaskBlock(codes)' if task == 'segment' else 'use a CategoryBlock'})")
     return list(vocab)
 
-def model_meta_of(learn) -> dict:
+def model_meta_of(learn, # a learner made by `gray_learner` or `gray_unet_learner` (it records `gray_config`)
+                 ) -> dict:
     "The metadata `export_safe` writes for gray `learn`, checked like a file's; a `ValueError` naming what cannot be recorded"
     cfg = getattr(learn, 'gray_config', None)
     if not isinstance(cfg, dict): raise ValueError("export_safe needs a learner made by gray_learner (it records learn.gray_config)")
@@ -307,7 +310,8 @@ def _safetensors_header(path:Path):
     except (ValueError, RecursionError): return None  # UnicodeDecodeError is a ValueError
     return header if isinstance(header, dict) else None
 
-def is_safetensors(path) -> bool:
+def is_safetensors(path, # a file's path (str or `Path`)
+                  ) -> bool:
     "Whether the file `path` is a safetensors file, judged from its bytes (never its suffix); nothing in it is run"
     return _safetensors_header(Path(path)) is not None
 
@@ -323,7 +327,8 @@ def _read_meta(path:Path) -> tuple:
         except (TypeError, ValueError, RecursionError): raise ModelFileError(f"{path}: field {k!r} is not a JSON value: {v!r}"[:500]) from None
     return check_model_meta(meta, str(path)), header
 
-def read_model_meta(path) -> dict:
+def read_model_meta(path, # the model file's path (str or `Path`)
+                   ) -> dict:
     "The checked metadata of the fastai_gray model file `path`, read from the safetensors header alone; a `ModelFileError` naming the field"
     return _read_meta(Path(path))[0]
 
@@ -375,7 +380,9 @@ def _as_user_file(path:Path):
     os.chmod(path, 0o666 & ~umask)
 
 @patch
-def export_safe(self:Learner, fname='model.safetensors') -> Path:
+def export_safe(self:Learner,
+                fname='model.safetensors', # the file name, relative to the learner's `path` (as fastai's `export`)
+               ) -> Path:
     "Write the gray learner's weights and settings to the safetensors file `self.path/fname`: data only, no pickle; returns its path"
     meta = model_meta_of(self)
     from safetensors.torch import save_file
@@ -417,7 +424,9 @@ def _gray_dls(meta:dict, bs:int=64, device=None):
     if segment: dls.vocab = meta['codes']  # as `train_gray` and fastai's SegmentationDataLoaders
     return dls
 
-def load_learner_safe(fname, cpu:bool=True) -> Learner:
+def load_learner_safe(fname, # the safetensors file's path (str or `Path`), as written by `export_safe`
+                      cpu:bool=True, # put the model on the CPU (else fastai's default device, a GPU if any), as fastai's `load_learner`
+                     ) -> Learner:
     "The gray `Learner` in the safetensors file `fname`, every field and tensor checked first; nothing in the file is run or downloaded"
     path = Path(fname)
     meta, header = _read_meta(path)
@@ -443,7 +452,9 @@ def load_learner_safe(fname, cpu:bool=True) -> Learner:
 PICKLE_RISK = ("loading a pickle (fastai's learn.export, torch.save) runs whatever code the file holds, so a model file from "
                "someone else can take over this machine")
 
-def load_model_file(path, trust_pickle:bool=False) -> Learner:
+def load_model_file(path, # the model file's path (str or `Path`)
+                    trust_pickle:bool=False, # load a pickle too, running any code it holds: only for files you trust as a program
+                   ) -> Learner:
     "The learner in the model file `path` (judged by its bytes): a safetensors file, or a pickle only when `trust_pickle`, with fastai's warning"
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -457,7 +468,10 @@ def load_model_file(path, trust_pickle:bool=False) -> Learner:
 # %% ../nbs/08_export.ipynb #076b7874
 class NormalizedGray(nn.Module):
     "Gray `model` fed N x 1 x H x W images in 0..1: the DataLoaders' normalization by `norm` (`([mean], [std])`, or None) in the graph"
-    def __init__(self, model:nn.Module, norm=None):
+    def __init__(self,
+                 model:nn.Module, # a gray model that takes normalized N x 1 x H x W batches, e.g. a learner's `model`
+                 norm=None, # 1-channel stats on the 0..1 scale, as `Normalize` uses; None: no normalization
+                ):
         super().__init__()
         self.model = model
         mean, std = norm or ([0.], [1.])
@@ -501,7 +515,10 @@ def _check_onnx(net, path:Path, sizes, tol:float=1e-4):
         err = ((yo - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()
         if not err <= tol: raise RuntimeError(f"the ONNX graph of {path} differs from the model by {err:.2g} (relative) at {h}x{w} px")
 
-def export_onnx(learn:Learner, fname, opset:int|None=None) -> Path:
+def export_onnx(learn:Learner, # a learner made by `gray_learner` or `gray_unet_learner` (it records `gray_config`)
+                fname, # the ONNX file's path (str or `Path`); missing folders are made
+                opset:int|None=None, # ONNX opset version; None: the exporter's default
+               ) -> Path:
     "Write gray `learn`'s model with its normalization to the ONNX file `fname`: images N x 1 x H x W in 0..1 in, logits (N x classes, or N x codes x H x W for a U-Net) out; dynamic N, H, W"
     meta = model_meta_of(learn)
     onnx, _ = _onnx_modules()

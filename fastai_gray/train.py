@@ -16,7 +16,8 @@ __all__ = ['DIGITS_SIZE', 'FOLDER_SIZE', 'TASKS', 'resolve_arch', 'check_train_a
            'class_names', 'iter_predictions', 'predict_files']
 
 # %% ../nbs/04c_train.ipynb #9a31cf24
-def resolve_arch(name:str):
+def resolve_arch(name:str, # a fastai arch (`resnet18`), a timm model name, or 'timm:NAME' for timm's only
+                ):
     "The arch for `gray_learner` named `name`: a fastai `model_meta` callable by its name, else a timm model name; a `ValueError` naming close matches otherwise"
     import difflib, timm
     from fastai_gray.learner import _fastai_archs
@@ -34,7 +35,13 @@ def resolve_arch(name:str):
 DIGITS_SIZE = 64    # the default image size for the digits demos
 FOLDER_SIZE = 224  # the default image size for your images: the size the ImageNet weights were trained at
 
-def check_train_args(epochs:int=6, freeze_epochs:int=0, size:int|None=None, bs:int=32, lr:float=3e-3, valid_pct:float=0.2, **_):
+def check_train_args(epochs:int=6, # epochs of the whole model: at least 1
+                     freeze_epochs:int=0, # epochs of the head (or decoder) alone first: 0 or more
+                     size:int|None=None, # image size in pixels: at least 8, or None for the default
+                     bs:int=32, # batch size: at least 1
+                     lr:float=3e-3, # peak learning rate: positive
+                     valid_pct:float=0.2, # share held out: strictly between 0 and 1
+                     **_):
     "A `ValueError` naming the first of these parameters that is out of range"
     for ok, msg in [(epochs >= 1, f"epochs must be at least 1, got {epochs}"),
                     (freeze_epochs >= 0, f"freeze_epochs must be 0 or more, got {freeze_epochs}"),
@@ -153,12 +160,14 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
     return learn
 
 # %% ../nbs/04c_train.ipynb #487f32e5
-def is_segmentation(learn) -> bool:
+def is_segmentation(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
+                   ) -> bool:
     "Whether `learn` predicts masks (a U-Net) rather than classes"
     from fastai.vision.models.unet import DynamicUnet
     return isinstance(learn.model, DynamicUnet)
 
-def class_names(learn) -> list|None:
+def class_names(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
+               ) -> list|None:
     "The classes of a classifier, or the codes of a U-Net (also of a learner loaded from fastai's pickle, whose mask codes stay in its transforms), or None"
     from fastai.vision.core import AddMaskCodes
     vocab = getattr(learn.dls, 'vocab', None)
@@ -197,7 +206,10 @@ def _error_text(f, e:Exception) -> str:
     "The reason `f` could not be predicted, naming the file (gray_image's errors name it already)"
     return str(e) if str(f) in str(e) else f"{f}: {e}"
 
-def iter_predictions(learn, files, bs:int=64):
+def iter_predictions(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
+                     files, # image files (paths), any mode and bit depth, DICOM too
+                     bs:int=64, # images per batch: a positive int
+                    ):
     "For each of `files` in order, as its batch is done: `dict(file, label, probability, error)`, or `dict(file, mask, error)` for a U-Net; `error` None, or the rest None"
     if not isinstance(bs, int) or bs < 1: raise ValueError(f"bs must be a positive int, got {bs!r}")
     segment, files = is_segmentation(learn), list(files)
@@ -213,7 +225,10 @@ def iter_predictions(learn, files, bs:int=64):
                 except Exception as e: outs.append(empty); errors.append(_error_text(name, e))
         for name, out, err in zip(names, outs, errors): yield dict(file=name, **out, error=err)
 
-def predict_files(learn, files, bs:int=64):
+def predict_files(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
+                  files, # image files (paths), any mode and bit depth, DICOM too
+                  bs:int=64, # images per batch: a positive int
+                 ):
     "A DataFrame with a row for each of `files`: `file`, predicted `label` and its `probability` (or the `mask`, for a U-Net), and the `error` of a file that cannot be read (missing values are NA)"
     import pandas as pd
     columns = ['file', 'mask', 'error'] if is_segmentation(learn) else ['file', 'label', 'probability', 'error']
