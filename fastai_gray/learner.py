@@ -29,7 +29,8 @@ from .weights import timm_offline_kwargs
 __all__ = ['input_channels', 'GrayCallback', 'arch_name', 'arch_from_name', 'gray_learner']
 
 # %% ../nbs/04_learner.ipynb #c12b262c
-def input_channels(dls) -> int:
+def input_channels(dls, # `DataLoaders` of image items: `(channels, height, width)` tensors
+                  ) -> int:
     "Channel count of the images `dls` yields, read from one item before batch transforms (which could broadcast it)"
     dl = dls.train if len(dls.train_ds) else dls.valid
     x = dl.do_item(0)[0] if hasattr(dl, 'do_item') else dls.one_batch()[0][0]
@@ -53,7 +54,10 @@ def _stats_of(norm:Normalize):
 class GrayCallback(Callback):
     "Feed a 1-channel model from 3-channel batches: undo `rgb_stats` normalization, take the luma, normalize by `input_stats`"
     order = 1  # after GatherPredsCallback (0), which keeps the DataLoaders' own inputs for decoding
-    def __init__(self, rgb_stats=None, input_stats=([0.], [1.])):
+    def __init__(self,
+        rgb_stats=None, # 3-channel `(mean, std)` the batches are normalized with; None: not normalized
+        input_stats=([0.], [1.]), # Gray `([mean], [std])` the model's input is normalized with
+    ):
         mean, std = check_stats(rgb_stats) if rgb_stats is not None else ((0.,) * 3, (1.,) * 3)
         self.rgb_mean, self.rgb_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (mean, std))
         (self.gray_mean,), (self.gray_std,) = check_stats(input_stats, 1, 'input_stats')
@@ -143,7 +147,8 @@ def _classifier(arch, n_out, pretrained, weights, cut, model_args):
     return model, model_meta.get(arch, _default_meta).get('stats')
 
 # %% ../nbs/04_learner.ipynb #9a59802a
-def arch_name(arch) -> str|None:
+def arch_name(arch, # An arch: a timm name, or a callable such as fastai's `resnet18`
+             ) -> str|None:
     "The name `arch` is known by: a timm name as given, the `__name__` of a fastai `model_meta` arch, else None"
     if isinstance(arch, str): return arch
     try: known = arch in model_meta
@@ -154,7 +159,8 @@ def _fastai_archs() -> dict:
     "fastai's `model_meta` archs by name: `{'resnet18': resnet18, ...}`"
     return {a.__name__: a for a in model_meta if callable(a) and hasattr(a, '__name__')}
 
-def arch_from_name(name:str):
+def arch_from_name(name:str, # An arch's name: a fastai `model_meta` arch's `__name__`, or a timm name
+                  ):
     "The fastai `model_meta` arch called `name` (e.g. `'resnet18'`), else `name` itself, for timm"
     if not isinstance(name, str) or not name: raise ValueError(f"an arch name is a non-empty str, got {name!r}")
     return _fastai_archs().get(name, name)
@@ -184,13 +190,41 @@ _NOT_STRUCTURE = ('pretrained_cfg_overlay', 'pretrained_cfg', 'cache_dir')  # ti
 
 # %% ../nbs/04_learner.ipynb #75f51f36
 @delegates(create_vision_model, but=['init', 'n_in'])
-def gray_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, init='exact', stats=None,
+def gray_learner(
+        dls,                                # `DataLoaders` of 1-channel (gray) or 3-channel (RGB) images
+        arch,                               # Pretrained 3-channel arch: a fastai/torchvision-style arch function or a timm name
+        normalize=True,                     # Add a 1-channel `Normalize` with the gray stats of `stats` if `pretrained` (and there is none)
+        n_out=None,                         # Number of outputs (classes); None: inferred from `dls`
+        pretrained=True,                    # Load the arch's pretrained weights, and freeze the body
+        weights=None,                       # torchvision weights to load; None: the arch's default ones when `pretrained`
+        init='exact',                       # How the first layer's RGB weights become gray: `'exact'` or `'sum'` (see `update_first_layer`)
+        stats=None,                         # 3-channel `(mean, std)` the arch was pretrained with; None: the arch's own when `pretrained`
         # learner args
-        loss_func=None, opt_func=Adam, lr=defaults.lr, splitter=None, cbs=None, metrics=None, path=None,
-        model_dir='models', wd=None, wd_bn_bias=False, train_bn=True, moms=(0.95,0.85,0.95),
+        loss_func=None,                     # Loss function. Defaults to `dls` loss
+        opt_func=Adam,                      # Optimization function for training
+        lr=defaults.lr,                     # Default learning rate
+        splitter=None,                      # Split model into parameter groups; None: the arch's splitter (body, head)
+        cbs=None,                           # `Callback`s to add to `Learner`
+        metrics=None,                       # `Metric`s to calculate on validation set
+        path=None,                          # Parent directory to save, load, and export models. Defaults to `dls` `path`
+        model_dir='models',                 # Subdirectory to save and load models
+        wd=None,                            # Default weight decay
+        wd_bn_bias=False,                   # Apply weight decay to normalization and bias parameters
+        train_bn=True,                      # Train frozen normalization layers
+        moms=(0.95,0.85,0.95),              # Default momentum for schedulers
         # model & head args
-        cut=None, head_init=nn.init.kaiming_normal_, custom_head=None, concat_pool=True, pool=True,
-        lin_ftrs=None, ps=0.5, first_bn=True, bn_final=False, lin_first=False, y_range=None, **kwargs):
+        cut=None,                           # Where to cut the arch's body: an index of its children or a function; None: fastai's default
+        head_init=nn.init.kaiming_normal_,  # Initializer of the head (`vision_learner`'s `init`)
+        custom_head=None,                   # A head to use instead of fastai's `create_head`
+        concat_pool=True,                   # Pool with `AdaptiveConcatPool2d` (average and max), else average pooling
+        pool=True,                          # Start the head with a pooling layer (and `Flatten`)
+        lin_ftrs=None,                      # Sizes of the head's hidden linear layers; None: `[512]`
+        ps=0.5,                             # Dropout probabilities of the head; one value: half of it before the hidden layers
+        first_bn=True,                      # Add a `BatchNorm` right after the pooling
+        bn_final=False,                     # Add a final `BatchNorm` layer
+        lin_first=False,                    # Head blocks as Linear, BatchNorm, Dropout instead of BatchNorm, Dropout, Linear
+        y_range=None,                       # `(low, high)`: the last activations go through a sigmoid rescaled to this range
+        **kwargs):
     "Build a `Learner` for gray images from `dls` and a pretrained 3-channel `arch`, converting its first layer by `init`"
     _check_gray_args('gray_learner', init, kwargs)
     if n_out is None: n_out = get_c(dls)

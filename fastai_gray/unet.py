@@ -29,7 +29,9 @@ from .weights import timm_offline_kwargs
 __all__ = ['UNET_ACTIVATIONS', 'timm_encoder', 'check_dls_masks', 'gray_unet_learner', 'rebuild_unet']
 
 # %% ../nbs/04b_unet.ipynb #b0ac0d24
-def timm_encoder(arch:str, pretrained:bool=True, **kwargs) -> nn.Sequential:
+def timm_encoder(arch:str,             # A timm model name, e.g. `'tf_efficientnet_lite0'`
+                 pretrained:bool=True, # Load the arch's pretrained weights
+                 **kwargs) -> nn.Sequential:
     "timm model `arch` as an indexable encoder for `DynamicUnet`: its children up to its last feature stage, the stage container flattened, no head; its `pretrained_cfg` kept"
     import timm
     model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
@@ -75,7 +77,9 @@ def _mask_name(ys, i, y):
     item = ys.items.iloc[i] if hasattr(ys.items, 'iloc') else ys.items[i]
     return f"of item {item.to_dict() if hasattr(item, 'to_dict') else item!r}"
 
-def check_dls_masks(dls, n_out:int):
+def check_dls_masks(dls,       # Segmentation `DataLoaders`: image and mask items
+                    n_out:int, # Number of classes: each label must lie in `range(n_out)`
+                   ):
     "Load every target mask of `dls`'s training and validation sets once: a `ValueError` naming the first mask with a label outside `range(n_out)`"
     for ds in (dls.train_ds, dls.valid_ds):
         tls = getattr(ds, 'tls', None)
@@ -115,13 +119,42 @@ def _unet_of(arch, encoder, n_out, img_size, head_init, unet_args, kwargs) -> Dy
     return unet
 
 @delegates(DynamicUnet.__init__, but=['init', 'encoder', 'n_out', 'img_size'])
-def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, init='exact', stats=None, config=None,
+def gray_unet_learner(
+        dls,                                # `DataLoaders` of 1-channel (gray) or 3-channel (RGB) images
+        arch,                               # Pretrained 3-channel encoder arch: a torchvision-style arch function or a timm name
+        normalize=True,                     # Add a 1-channel `Normalize` with the gray stats of `stats` if `pretrained` (and there is none)
+        n_out=None,                         # Number of classes the U-Net predicts for each pixel; None: inferred from `dls`
+        pretrained=True,                    # Load the arch's pretrained weights, and freeze the body
+        weights=None,                       # torchvision weights to load; None: the arch's default ones when `pretrained`
+        init='exact',                       # How the first layer's RGB weights become gray: `'exact'` or `'sum'` (see `update_first_layer`)
+        stats=None,                         # 3-channel `(mean, std)` the arch was pretrained with; None: the arch's own when `pretrained`
+        config=None,                        # Deprecated: a dict of U-Net arguments, merged into `kwargs` (as in `unet_learner`)
         # learner args
-        loss_func=None, opt_func=Adam, lr=defaults.lr, splitter=None, cbs=None, metrics=None, path=None,
-        model_dir='models', wd=None, wd_bn_bias=False, train_bn=True, moms=(0.95,0.85,0.95),
+        loss_func=None,                     # Loss function. Defaults to `dls` loss
+        opt_func=Adam,                      # Optimization function for training
+        lr=defaults.lr,                     # Default learning rate
+        splitter=None,                      # Split model into parameter groups; None: the arch's splitter (body, head)
+        cbs=None,                           # `Callback`s to add to `Learner`
+        metrics=None,                       # `Metric`s to calculate on validation set
+        path=None,                          # Parent directory to save, load, and export models. Defaults to `dls` `path`
+        model_dir='models',                 # Subdirectory to save and load models
+        wd=None,                            # Default weight decay
+        wd_bn_bias=False,                   # Apply weight decay to normalization and bias parameters
+        train_bn=True,                      # Train frozen normalization layers
+        moms=(0.95,0.85,0.95),              # Default momentum for schedulers
         # model args
-        cut=None, head_init=nn.init.kaiming_normal_, check_masks=True, blur=False, blur_final=True, self_attention=False,
-        y_range=None, last_cross=True, bottle=False, act_cls=defaults.activation, norm_type=None, **kwargs):
+        cut=None,                           # Where to cut the arch's body: an index of its children or a function; None: fastai's default
+        head_init=nn.init.kaiming_normal_,  # Initializer of the U-Net's decoder (`unet_learner`'s `init`)
+        check_masks=True,                   # First check that every mask's labels lie in `range(n_out)` (`check_dls_masks`)
+        blur=False,                         # Blur after each upsampling, to avoid checkerboard artifacts
+        blur_final=True,                    # Blur the last upsampling too (with `blur`)
+        self_attention=False,               # Add a self-attention layer at the third block before the end
+        y_range=None,                       # `(low, high)`: the last activations go through a sigmoid rescaled to this range
+        last_cross=True,                    # End with a cross connection to the input image; `False` to load 3-channel U-Nets' checkpoints
+        bottle=False,                       # Use a bottleneck in that last cross connection
+        act_cls=defaults.activation,        # Activation class of the decoder's layers
+        norm_type=None,                     # `NormType` of the decoder's conv layers, as in fastai's `DynamicUnet`
+        **kwargs):
     "Build a U-Net `Learner` for gray images from `dls` and a pretrained 3-channel `arch` (torchvision-style or timm name), converting its first layer by `init`"
     if config:
         warnings.warn('config param is deprecated. Pass your args directly to gray_unet_learner.')
@@ -148,8 +181,18 @@ def gray_unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, we
     return learn
 
 # %% ../nbs/04b_unet.ipynb #5e1c0a7d
-def rebuild_unet(arch, n_out:int, img_size, init:str='exact', stats=None, input_stats=([0.], [1.]), cut=None,
-                 act_cls:str='ReLU', norm_type:str|None=None, model_kwargs:dict|None=None, **unet_args) -> DynamicUnet:
+def rebuild_unet(
+        arch,                               # Encoder arch: a torchvision-style arch function or a timm name
+        n_out:int,                          # Number of classes the U-Net predicts for each pixel
+        img_size,                           # `(height, width)` of the images the U-Net was sized for
+        init:str='exact',                   # How the first layer's RGB weights become gray: `'exact'` or `'sum'` (see `update_first_layer`)
+        stats=None,                         # 3-channel `(mean, std)` the first layer was converted for, or None
+        input_stats=([0.], [1.]),           # Gray `([mean], [std])` the model's input is normalized with
+        cut=None,                           # Where to cut the arch's body: an index of its children or a function; None: fastai's default
+        act_cls:str='ReLU',                 # Name of the decoder's activation class: a key of `UNET_ACTIVATIONS`
+        norm_type:str|None=None,            # Name of the decoder's `NormType` (e.g. `'Batch'`), or None
+        model_kwargs:dict|None=None,        # Recorded extra arguments: to `timm.create_model` for a timm name, else to `DynamicUnet`
+        **unet_args) -> DynamicUnet:
     "The U-Net `gray_unet_learner` builds from these recorded settings (`learn.gray_config`'s), with `pretrained=False`: the same structure, untrained; `act_cls`, `norm_type` by name"
     if act_cls not in UNET_ACTIVATIONS: raise ValueError(f"unknown act_cls {act_cls!r}; expected one of {list(UNET_ACTIVATIONS)}")
     if norm_type is not None and norm_type not in NormType.__members__:
