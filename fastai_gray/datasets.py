@@ -295,7 +295,7 @@ def digits_segmentation_dataset(dest:Path|str|None=None, # the folder written; N
     return _written_once(Path(dest or cache_dir()/f'digits_segmentation_{n}_{size}_{seed}'), name, 2 * n, write)
 
 # %% ../nbs/01c_datasets.ipynb #f2d9aee9
-def _image_files(folder:Path, extensions) -> dict:
+def _files_by_stem(folder:Path, extensions) -> dict:
     "`{stem path: file}` of the image files under `folder`, stems relative to it; a `ValueError` for two files with one stem"
     found, dup = {}, []
     for f in _walk_images(folder, extensions):
@@ -318,7 +318,7 @@ def mask_items(folder:Path|str,             # the data set folder, holding the i
     dirs = folder/images, folder/masks
     for d in dirs:
         if not d.is_dir(): raise ValueError(f"{folder} must hold the folders {images}/ and {masks}/; {d} is missing")
-    im, ms = (_image_files(d, extensions) for d in dirs)
+    im, ms = (_files_by_stem(d, extensions) for d in dirs)
     if not im: raise ValueError(f"found no image files in {dirs[0]} (suffixes {sorted(extensions)[:8]}...)")
     if set(im) - set(ms): raise ValueError(f"{len(set(im) - set(ms))} images in {dirs[0]} have no mask in {dirs[1]}: {_names(set(im) - set(ms))}")
     if set(ms) - set(im): raise ValueError(f"{len(set(ms) - set(im))} masks in {dirs[1]} have no image in {dirs[0]}: {_names(set(ms) - set(im))}")
