@@ -82,7 +82,7 @@ _PICKLE_SUFFIXES = ('.pkl', '.pickle')
 
 def _export(learn, out:Path):
     "Write `learn` to `out`: a safetensors model file (`export_safe`), or fastai's pickle (`learn.export`) for a `.pkl` name"
-    import fastai_gray.export  # Learner.export_safe
+    import fastai_gray.safe  # Learner.export_safe
     if out.suffix.lower() not in _PICKLE_SUFFIXES: return learn.export_safe(out)
     tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
     try:
@@ -134,7 +134,7 @@ def train(args, # the `train` command's options, as `argparse` parses them (a `N
 # %% ../nbs/05_cli.ipynb #4abced4d
 def _model_file(path:str, trust_pickle:bool=False):
     "The learner in the model file at `path` (`load_model_file`), or a `CliError` saying why not"
-    from fastai_gray.export import load_model_file, ModelFileError
+    from fastai_gray.safe import load_model_file, ModelFileError
     path = Path(path).expanduser()
     try: learn = load_model_file(path, trust_pickle=trust_pickle)
     except (ModelFileError, FileNotFoundError) as e: raise CliError(str(e)) from None
@@ -196,7 +196,7 @@ def predict(args, # the `predict` command's options, as `argparse` parses them (
 def export(args, # the `export` command's options, as `argparse` parses them (a `Namespace`)
           ) -> int:
     "`fastai-gray export MODEL --onnx OUT`: the model for ONNX Runtime"
-    from fastai_gray.export import export_onnx
+    from fastai_gray.onnx import export_onnx
     out = Path(args.onnx).expanduser().absolute()
     _check_out(out, '--onnx')
     learn = _model_file(args.model, args.trust_pickle)
