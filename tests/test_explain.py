@@ -153,10 +153,10 @@ def test_rgb_batches_through_gray_callback(noise):
 
 
 @pytest.mark.slow
-def test_safe_file(noise, tmp_path):
+def test_safe_file(noise, model_file):
     "A learner from `load_learner_safe` gives the maps of the learner it was saved from"
-    learn = gray_learner(_gray_dls(noise), resnet18, pretrained=False)
-    loaded = load_learner_safe(learn.export_safe(tmp_path/'m.safetensors'))
+    fn, learn = model_file
+    loaded = load_learner_safe(fn)
     for a, b in zip(heatmaps(learn, noise), heatmaps(loaded, noise), strict=True): np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -173,3 +173,47 @@ def test_import_all_leaves_the_library_out():
     import subprocess
     code = "import sys, fastai_gray.all; print('pytorch_grad_cam' in sys.modules, 'cv2' in sys.modules)"
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split() == ['False', 'False']
+
+
+@pytest.fixture(scope='module')
+def model_file(noise, tmp_path_factory):
+    "A gray resnet18 classifier (untrained) as a safe model file, and the learner"
+    learn = gray_learner(_gray_dls(noise), resnet18, pretrained=False)
+    return learn.export_safe(tmp_path_factory.mktemp('model')/'m.safetensors'), learn
+
+
+@pytest.mark.slow
+def test_cli_heatmaps(model_file, noise, tmp_path, capsys):
+    "`predict MODEL FILES --heatmaps DIR`: DIR/<stem>.png at each image's size, DICOM too; an unreadable file is reported and skipped"
+    from fastai_gray.cli import main
+    pydicom = pytest.importorskip('pydicom')
+    from pydicom.data import get_testdata_file
+    model, learn = model_file
+    Image.fromarray(noise[0]).save(tmp_path/'wide.png'); Image.fromarray(noise[1].T.copy()).save(tmp_path/'tall.png')
+    dcm = get_testdata_file('CT_small.dcm')
+    (tmp_path/'bad.png').write_bytes(b'not a png')
+    files = [tmp_path/'wide.png', tmp_path/'tall.png', dcm, tmp_path/'bad.png']
+    status = main(['predict', str(model), *map(str, files), '--heatmaps', str(tmp_path/'maps'), '--bs', '2'])
+    out, err = capsys.readouterr()
+    assert status == 1 and 'bad.png' in err and f"wrote the heatmaps of 3 image(s) to {tmp_path/'maps'}" in err
+    assert len(out.splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path/'maps').iterdir()) == ['CT_small.png', 'tall.png', 'wide.png']
+    rows, cols = (int(v) for v in (pydicom.dcmread(dcm).Rows, pydicom.dcmread(dcm).Columns))
+    for name, size in [('wide', (70, 40)), ('tall', (40, 70)), ('CT_small', (cols, rows))]:
+        im = Image.open(tmp_path/'maps'/f'{name}.png')
+        assert im.mode == 'RGB' and im.size == size, (name, im.mode, im.size)
+    # the PNG is the image as read with the map over it at alpha 0.5: its gray part comes back from the colours, as the Python API makes it
+    from fastai_gray.explain import _overlay
+    hm = heatmaps(learn, [tmp_path/'wide.png'], bs=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path/'maps'/'wide.png')), _overlay(hm.images[0], hm[0]))
+
+
+@pytest.mark.slow
+def test_cli_heatmaps_errors_before_writing(model_file, noise, tmp_path, capsys):
+    from fastai_gray.cli import main
+    model, _ = model_file
+    (tmp_path/'a').mkdir(); (tmp_path/'b').mkdir()
+    Image.fromarray(noise[0]).save(tmp_path/'a'/'x.png'); Image.fromarray(noise[1]).save(tmp_path/'b'/'X.png')
+    status = main(['predict', str(model), str(tmp_path/'a'/'x.png'), str(tmp_path/'b'/'X.png'), '--heatmaps', str(tmp_path/'maps')])
+    out, err = capsys.readouterr()
+    assert status == 1 and 'would both write heatmap' in err and out == '' and not (tmp_path/'maps').exists()
