@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 from PIL import Image
-from fastai.vision.all import DataBlock, CategoryBlock, ImageBlock, Learner, Resize, RandomResizedCrop, resnet18
+from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, Learner, Resize, RandomResizedCrop, RandomResizedCropGPU,
+                               aug_transforms, resnet18)
 from fastai_gray.all import GrayImageBlock, gray_learner, gray_image, load_learner_safe, heatmaps, default_layer, EXPLAIN_EXTRA
 
 H, W, S = 60, 90, 12  # non-square images, a bright S-pixel square on dark noise
@@ -27,8 +28,8 @@ def spot_model():
     return nn.Sequential(nn.Sequential(conv, nn.ReLU()), head)
 
 
-def spot_learner(items, item_tfms):
-    dblock = DataBlock((GrayImageBlock, CategoryBlock(vocab=['clear', 'spot'])), get_y=lambda a: 'spot', item_tfms=item_tfms)
+def spot_learner(items, item_tfms, batch_tfms=None):
+    dblock = DataBlock((GrayImageBlock, CategoryBlock(vocab=['clear', 'spot'])), get_y=lambda a: 'spot', item_tfms=item_tfms, batch_tfms=batch_tfms)
     return Learner(dblock.dataloaders(items, bs=4), spot_model())
 
 
@@ -60,6 +61,14 @@ def test_maps_lie_on_the_evidence(spots, tfm):
     if getattr(tfm, 'method', None) == 'crop' and tfm.size == (32, 32): assert hm[0][:, :15].max() == 0 and hm[0][:, 75:].max() == 0  # cropped away: 0
 
 
+@pytest.mark.parametrize('batch_tfms', [[RandomResizedCropGPU(24, ratio=(1, 1))], aug_transforms(size=(24, 40))], ids=['random-resized-crop-gpu', 'aug_transforms-size'])
+def test_batch_resizes(spots, batch_tfms):
+    "Batch transforms that crop or resample at inference are followed back too"
+    items, centres = zip(*spots)
+    hm = heatmaps(spot_learner(items, Resize((48, 72), method='squish'), batch_tfms), items, bs=4)
+    assert_on_squares(hm, centres)
+
+
 def test_exif_rotated_and_every_item_kind(spots, tmp_path):
     "A file stored sideways with EXIF orientation 6 gets a map of its upright size, on the square; bytes, PIL images, arrays and tensors too"
     (a, centre), *_ = spots
@@ -86,6 +95,7 @@ def test_targets_by_name_and_index(spots):
     with pytest.raises(ValueError, match='out of range'): heatmaps(learn, items, target=2)
     with pytest.raises(ValueError, match='the methods are gradcam, hirescam'): heatmaps(learn, items, method='gradcam3')
     with pytest.raises(ValueError, match="layer 'body' is not a module"): heatmaps(learn, items, layer='body')
+    with pytest.raises(TypeError, match=r'for one image give \[item\]'): heatmaps(learn, items[0])
 
 
 @pytest.mark.parametrize('method', ['hirescam', 'gradcam++', 'xgradcam', 'layercam', 'eigencam', 'scorecam'])
