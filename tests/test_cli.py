@@ -30,6 +30,12 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(autouse=True)
+def in_a_scratch_folder(tmp_path, monkeypatch):
+    "Each test runs in its own folder: the default --out (model.safetensors) of one, or of a user's run in the clone, is not another's"
+    monkeypatch.chdir(tmp_path)
+
+
 def run(capsys, *argv):
     "`(status, stdout, stderr)` of `main(argv)` in this process"
     status = main([str(a) for a in argv])
@@ -291,9 +297,10 @@ def test_dicom_folder(tmp_path, capsys):
     rows = [l.split('\t') for l in out.splitlines()]
     assert status == 1 and len(rows) == 1 and rows[0][0].endswith('mr1.dcm') and rows[0][1] in ('ct', 'mr')
     assert 'notes.dcm' in err
-    status, out, err = run(capsys, 'train', *TINY, '--skip-bad', '--out', model, '--window', 'lungs', tmp_path/'data')  # PATH after a window
+    status, out, err = run(capsys, 'train', *TINY, '--skip-bad', '--out', model, '--overwrite', '--window', 'lungs', tmp_path/'data')  # PATH after a window
     assert status == 0, err
     assert "skipping: " in err and 'scout.png' in err and 'window lungs' in out   # a CT preset does not apply to a PNG
+    assert err.count('is a CT preset in Hounsfield units') == 1 and "but 6 of the 12 DICOM files are not CT (Modality: 6 MR)" in err  # said once, for all
 
 
 @pytest.mark.slow
