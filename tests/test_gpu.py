@@ -3,11 +3,11 @@
 Skipped with the reason where torch sees no CUDA GPU, and a failure instead where `CI_GPU=true` (tests/conftest.py).
 Everything here runs on `DEV`, the first CUDA GPU; a bound between devices or number formats says where it comes from:
 - float32 proper (TF32 off for cuDNN convolutions and matmuls, the `no_tf32` fixture): the exactness contract, 1e-5;
-- PyTorch's default (TF32 for cuDNN convolutions: a 10-bit mantissa, rounding of about 5e-4 relative): 1e-3;
+- PyTorch's default (TF32 for cuDNN convolutions: a 10-bit mantissa, rounding of about 5e-4 relative): 2e-3 on logits;
 - fp16/bf16 autocast: 1e-2 on a layer or a model's logits; a trained model's metric within a stated margin of fp32's.
 Measured when issue 18 was filed, on one H200 (PyTorch 2.11, CUDA 13): exactness 9e-7 with TF32 off, 5.5e-4 with the
 default, 2.6e-3 under fp16 autocast. Names come from `fastai_gray.all`, as a user imports them."""
-import copy, json
+import contextlib, copy, json
 import numpy as np
 import pytest
 import torch
@@ -27,22 +27,23 @@ LITE0 = 'tf_efficientnet_lite0'
 ACCURACY_MARGIN, DICE_MARGIN = 3 / 18, 0.1
 
 
+@contextlib.contextmanager
 def tf32(conv:bool, matmul:bool):
-    "TF32 for cuDNN convolutions and for matmuls set as asked during the test, and restored after"
+    "TF32 for cuDNN convolutions and for matmuls set as asked inside, and restored after"
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    try: yield
+    finally: torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 @pytest.fixture
 def no_tf32():
-    "float32 proper on CUDA: TF32 off for cuDNN convolutions and matmuls"
-    yield from tf32(False, False)
+    "float32 proper on CUDA during the test: TF32 off for cuDNN convolutions and matmuls"
+    with tf32(False, False): yield
 
 @pytest.fixture
 def default_tf32():
-    "PyTorch's defaults: TF32 for cuDNN convolutions, not for matmuls"
-    yield from tf32(True, False)
+    "PyTorch's defaults during the test: TF32 for cuDNN convolutions, not for matmuls"
+    with tf32(True, False): yield
 
 
 def finite(learn) -> bool:
@@ -103,26 +104,29 @@ def preds(learn, files):
 
 
 def test_model_files_from_a_cuda_learner(classifier, folder, tmp_path):
-    "A CUDA learner's model file: load_learner_safe(cpu=False) predicts as it does; load_model_file (the CPU) within TF32's bound"
+    """A CUDA learner's model file: load_learner_safe(cpu=False) predicts on the GPU as the learner does, load_model_file
+    on the CPU too; in float32 proper to 1e-6 (same device: the batch sizes differ, so cuDNN may pick other kernels) and
+    1e-5 (the CPU), and with PyTorch's default TF32 convolutions to 5e-3 on the probabilities"""
     learn, _ = classifier('fp32')
     fn = learn.export_safe(tmp_path/'model.safetensors')
     files = get_image_files(folder)[::3]
-    want = preds(learn, files)
-    gpu = load_learner_safe(fn, cpu=False)
+    gpu, cpu = load_learner_safe(fn, cpu=False), load_model_file(fn)
     assert next(gpu.model.parameters()).device.type == DEV.type and gpu.dls.device.type == DEV.type
-    torch.testing.assert_close(preds(gpu, files), want, rtol=0, atol=1e-6)   # the same weights and kernels on one device
-    cpu = load_model_file(fn)
     assert next(cpu.model.parameters()).device.type == 'cpu'
-    torch.testing.assert_close(preds(cpu, files), want, rtol=0, atol=5e-3)   # CPU float32 against CUDA's TF32 convolutions
-    with learn.no_bar(), cpu.no_bar():
-        (label, _, probs), (cpu_label, _, cpu_probs) = learn.predict(files[0]), cpu.predict(files[0])
-    assert label == cpu_label and label in ('a', 'b', 'c')
-    torch.testing.assert_close(probs.cpu(), cpu_probs, rtol=0, atol=5e-3)
+    with tf32(False, False):
+        want = preds(learn, files)
+        torch.testing.assert_close(preds(gpu, files), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(preds(cpu, files), want, rtol=0, atol=1e-5)
+        with learn.no_bar(), cpu.no_bar():
+            (label, _, probs), (cpu_label, _, cpu_probs) = learn.predict(files[0]), cpu.predict(files[0])
+        assert label == cpu_label and label in ('a', 'b', 'c')
+        torch.testing.assert_close(probs.cpu(), cpu_probs, rtol=0, atol=1e-5)
+    with tf32(True, False): torch.testing.assert_close(preds(cpu, files), preds(learn, files), rtol=0, atol=5e-3)
     assert next(learn.model.parameters()).device.type == DEV.type
 
 
-def test_export_onnx_from_a_cuda_learner(classifier, tmp_path):
-    "export_onnx of a learner on the GPU: the learner stays there, and ONNX Runtime gives its logits within TF32's bound"
+def test_export_onnx_from_a_cuda_learner(classifier, tmp_path, no_tf32):
+    "export_onnx of a learner on the GPU: the learner stays there, and ONNX Runtime (CPU) gives its float32 logits to 1e-4, export_onnx's own check"
     import onnxruntime as ort
     learn, _ = classifier('fp32')
     fn = export_onnx(learn, tmp_path/'model.onnx')
@@ -132,7 +136,7 @@ def test_export_onnx_from_a_cuda_learner(classifier, tmp_path):
     x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(): y = NormalizedGray(learn.model, norm).to(DEV).eval()(x.to(DEV)).cpu()
     yo = torch.from_numpy(sess.run(None, {'image': x.numpy()})[0])
-    assert rel_error(yo, y) <= 1e-3
+    assert rel_error(yo, y) <= 1e-4
 
 
 def test_gray_callback_on_cuda_batches(folder, tmp_path):
@@ -224,11 +228,12 @@ def test_exact_on_cuda_without_tf32(lite0_pair, no_tf32, fused):
 
 
 def test_exact_on_cuda_with_default_tf32(lite0_pair, default_tf32):
-    "PyTorch's default (TF32 convolutions): within 1e-3, TF32's rounding, not the conversion's; fp16 autocast within 1e-2"
+    """PyTorch's default (TF32 convolutions): within 2e-3, TF32's rounding (10-bit mantissa, 2^-11 = 4.9e-4 an input; 5.5e-4
+    measured on the H200), not the conversion's; fp16 autocast within 1e-2 (2.6e-3 measured there)"""
     m3, m1, x3, x1 = lite0_pair
     with torch.no_grad():
         ref = m3(x3)
-        assert rel_error(m1(x1), ref) <= 1e-3
+        assert rel_error(m1(x1), ref) <= 2e-3
         with torch.autocast('cuda', dtype=torch.float16): y = m1(x1)
     assert y.dtype == torch.float16 and rel_error(y.float(), ref) <= 1e-2
 
