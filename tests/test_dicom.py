@@ -237,7 +237,7 @@ def test_dicom_folder_in_a_datablock(tmp_path):
     files = sorted(tmp_path.rglob('*.*'))
     dblock = DataBlock(blocks=(GrayImageBlock(window='minmax'), CategoryBlock), get_items=lambda _: files,
                        get_y=parent_label, splitter=lambda o: (list(range(len(o))), [0]), item_tfms=Resize(16))
-    dls = dblock.dataloaders(tmp_path, bs=5, num_workers=0)
+    dls = dblock.dataloaders(tmp_path, bs=5, num_workers=0, device='cpu')  # compared as numpy arrays below
     x, y = dls.train.new(shuffle=False).one_batch()
     assert x.shape == (5, 1, 16, 16) and 0 <= x.min() and x.max() <= 1
     for i, f in enumerate(dls.train_ds.items):
