@@ -184,3 +184,15 @@ def labelled_images():
     """`write_labelled_images(folder, classes=('a', 'b', 'c'), n=8, modes=MODES, size=12, suffix='.png')`: tiny labelled
     image folders (`folder/<class>/*.png`) for fastai's `parent_label`; with `tmp_path` or `tmp_path_factory`"""
     return write_labelled_images
+
+
+# ---------------------------------------------------------------------------------------------------- extras
+
+@pytest.fixture
+def without_scikit_image(monkeypatch):
+    """As if scikit-image (the `bench` extra) were not installed, and the benchmark package never imported: its modules
+    out of `sys.modules` (a submodule left there would not run its import check again); all put back after the test"""
+    import sys
+    monkeypatch.setitem(sys.modules, 'skimage', None)
+    for name in [m for m in sys.modules if m == 'fastai_gray.bench' or m.startswith('fastai_gray.bench.')]:
+        monkeypatch.delitem(sys.modules, name)

@@ -38,9 +38,7 @@ def test_benchmark_modules_are_small():
     big = {p.relative_to(LIB).as_posix(): n for p in LIB.rglob('*.py') if p.name != '_modidx.py' and (n := len(p.read_text().splitlines())) > 450}
     assert not big, big
 
-def test_missing_scikit_image_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, 'skimage', None)  # as if scikit-image were not installed
-    monkeypatch.delitem(sys.modules, 'fastai_gray.bench', raising=False)
+def test_missing_scikit_image_names_the_extra(without_scikit_image):
     with pytest.raises(ImportError, match=re.escape('pip install "fastai_gray[bench]"')) as e:
         importlib.import_module('fastai_gray.bench')
     assert isinstance(e.value, ModuleNotFoundError) and e.value.name == 'skimage'

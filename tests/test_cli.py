@@ -227,7 +227,7 @@ def test_only_weight_failures_blame_the_weights(data, capsys, monkeypatch):
     with pytest.raises(ValueError, match='`n_out` is not defined'): main(['train', str(data/'flat'), *TINY])
 
 
-def test_bench_is_handed_the_arguments(capsys, monkeypatch):
+def test_bench_is_handed_the_arguments(capsys, monkeypatch, without_scikit_image):
     calls = []
     fake = types.ModuleType('fastai_gray.bench')
     fake.main = lambda argv: calls.append(argv) or 3
@@ -236,8 +236,7 @@ def test_bench_is_handed_the_arguments(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'fastai_gray.bench', None)  # as if the module were missing
     status, out, err = run(capsys, 'bench')
     assert status == 1 and err.startswith('fastai-gray: error: ') and 'fastai_gray.bench' in err and len(err.splitlines()) == 1
-    monkeypatch.delitem(sys.modules, 'fastai_gray.bench')
-    monkeypatch.setitem(sys.modules, 'skimage', None)              # as if scikit-image were not installed
+    monkeypatch.delitem(sys.modules, 'fastai_gray.bench')         # scikit-image is missing (the fixture)
     status, out, err = run(capsys, 'bench')
     assert status == 1 and 'pip install "fastai_gray[bench]"' in err and len(err.splitlines()) == 1, err
 
