@@ -13,6 +13,7 @@ from .dicom import *
 from .data import *
 from .masks import *
 from .datasets import *
+from .cache import *
 from .stem import *
 from .weights import *
 from .learner import *
@@ -20,5 +21,5 @@ from .unet import *
 from .distributed import *
 from .export import *
 from .train import *
-from . import core, dicom, data, masks, datasets, stem, weights, learner, unet, distributed, export, train
-__all__ = [name for module in (core, dicom, data, masks, datasets, stem, weights, learner, unet, distributed, export, train) for name in module.__all__]
+from . import core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, distributed, export, train
+__all__ = [name for module in (core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, distributed, export, train) for name in module.__all__]
