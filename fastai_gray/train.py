@@ -6,10 +6,10 @@ Docs: https://fastai-gray.github.io/fastai_gray/train.html.md"""
 
 # %% ../nbs/04c_train.ipynb #7d4eb539
 from __future__ import annotations
-import sys, time
+import json, sys, time
 from pathlib import Path
 from .weights import LITE0_ARCH
-from .datasets import labelled_images, digits_dataset, segmentation_items, digits_segmentation_dataset
+from .datasets import DatasetError, labelled_images, digits_dataset, segmentation_items, digits_segmentation_dataset
 
 # %% auto #0
 __all__ = ['DIGITS_SIZE', 'FOLDER_SIZE', 'TASKS', 'resolve_arch', 'check_train_args', 'train_gray', 'is_segmentation',
@@ -108,6 +108,21 @@ def _learner(task:str, dls, arch, pretrained:bool, init:str):
     metric = Dice() if len(dls.vocab) == 2 else DiceMulti()
     return gray_unet_learner(dls, arch, pretrained=pretrained, init=init, metrics=metric, check_masks=False)  # checked already
 
+def _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress):
+    "`(DataLoaders, task, size, codes)` of the gray cache `cache` built from `path` (or reused), or of `path` when it is a cache"
+    from fastai_gray.cache import GrayCache, build_gray_cache
+    if cache is not None: c = build_gray_cache(path, cache, size, task, window=window, mapping=mapping, skip_bad=skip_bad, progress=progress)
+    else:
+        c = GrayCache(path)
+        given = dict(size=size, window=window, mapping=mapping, task=None if task == 'classify' else task)  # 'classify': the default
+        built = dict(size=c.size, window=c.settings['window'], mapping=dict(c.settings['mapping'] or {}) or None, task=c.task)
+        differ = [f"{k} {built[k]!r} (given {v!r})" for k, v in given.items() if v is not None and _json_like(v) != _json_like(built[k])]
+        if differ: raise DatasetError(f"{path} is a gray cache built with other settings: {'; '.join(differ)}; build another (cache=...)")
+    dls = c.dataloaders(bs=bs, valid_pct=valid_pct, seed=seed)
+    return dls, c.task, c.size, c.codes
+
+def _json_like(v): return json.loads(json.dumps(v, default=str))
+
 # %% ../nbs/04c_train.ipynb #7c1981db
 def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders (or train/ and valid/ folders of them), or a CSV of filename,label rows; segment: a folder of images/ and masks/ (and codes.txt), or a CSV of image,mask rows; None: a digits demo
                task:str='classify', # 'classify' (`gray_learner`) or 'segment' (`gray_unet_learner`)
@@ -125,6 +140,7 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
                mapping:dict|None=None, # segment: mask values to labels, e.g. {255: 1} for 0/255 masks
                skip_bad:bool=False, # leave out unreadable images (with a warning each) instead of raising `UnreadableImagesError`
                progress:bool|None=None, # fastai's progress bars (True) or one line per epoch (False); default: whether stdout is a terminal
+               cache:Path|str|None=None, # a gray cache folder to build from `path` (or reuse) and train from; `path` may also be a cache itself
               ):
     "A gray learner fine-tuned on the images at `path` (default: a digits demo): a classifier with accuracy, or a U-Net with Dice"
     check_train_args(epochs, freeze_epochs, size, bs, lr, valid_pct)
@@ -136,15 +152,20 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
     demo = path is None
     if demo: path = digits_dataset() if task == 'classify' else digits_segmentation_dataset()
     else: path = Path(path).expanduser()
-    data = _classify_data if task == 'classify' else _segment_data
-    dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
+    from fastai_gray.cache import is_gray_cache
+    from_cache = cache is not None or is_gray_cache(path)
+    if not from_cache:
+        data = _classify_data if task == 'classify' else _segment_data
+        dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
     if isinstance(arch, str): arch_name, arch = arch, resolve_arch(arch)
     else: arch_name = getattr(arch, '__name__', str(arch))
-    size = size or (DIGITS_SIZE if demo else FOLDER_SIZE)
+    size = size or (None if cache is None and from_cache else DIGITS_SIZE if demo else FOLDER_SIZE)  # a cache's own
     progress = sys.stdout.isatty() if progress is None else progress
     set_seed(seed)
-    dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
-    dls = dblock.dataloaders(items, bs=bs, num_workers=0)
+    if from_cache: dls, task, size, codes = _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress or None)
+    else:
+        dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
+        dls = dblock.dataloaders(items, bs=bs, num_workers=0)
     if codes is not None: dls.vocab = codes  # as fastai's SegmentationDataLoaders: the mask block keeps them in its transforms
     holds = f"{len(dls.vocab)} classes" if codes is None else f"{len(codes)} codes ({', '.join(map(str, codes[:6]))}{', ...' if len(codes) > 6 else ''})"
     with pretrained_weights_errors(arch_name): learn = _learner(task, dls, arch, pretrained, init)

@@ -245,3 +245,25 @@ def test_unet_from_cache(tmp_path):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     mask, _, probs = learn.predict(dls.valid_ds.items['file'].iloc[0])
     assert mask.shape == (32, 32) and probs.shape == (2, 32, 32)
+
+@pytest.mark.slow
+def test_cli_cache_then_train_and_predict(tmp_path, capsys):
+    from fastai_gray.cli import main
+    from fastai_gray.cache import is_gray_cache
+    src, dest = _folder(tmp_path/'src', n=16), tmp_path/'cache'
+    assert main(['cache', str(src), str(dest), '--size', '16', '--workers', '0']) == 0
+    out = capsys.readouterr().out
+    assert f'{dest}: 16 images at 16 px (uint8), 2 classes' in out and 'images/s' in out
+    train = ['--epochs', '1', '--bs', '4', '--arch', 'resnet18', '--no-pretrained']
+    assert main(['train', str(dest), *train, '--out', str(tmp_path/'m.safetensors')]) == 0
+    assert 'cache: 12 training and 4 validation images, 2 classes; resnet18 at 16 px' in capsys.readouterr().out
+    assert main(['predict', str(tmp_path/'m.safetensors'), str(src/'c0'/'000.png')]) == 0
+    assert capsys.readouterr().out.startswith(f"{src/'c0'/'000.png'}\tc")
+    assert main(['train', str(src), '--cache', str(tmp_path/'built'), '--size', '16', *train, '--out', str(tmp_path/'n.safetensors')]) == 0
+    assert is_gray_cache(tmp_path/'built')
+    capsys.readouterr()
+    assert main(['cache', str(src), str(dest), '--size', '24']) == 1
+    assert 'size 16 (now 24)' in capsys.readouterr().err
+    assert main(['train', str(dest), '--size', '24']) == 1
+    assert 'size 16 (given 24)' in capsys.readouterr().err
+    assert main(['cache', str(src), str(tmp_path/'x')]) == 2  # --size is required
