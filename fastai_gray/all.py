@@ -18,8 +18,11 @@ from .stem import *
 from .weights import *
 from .learner import *
 from .unet import *
+from .explain import *
 from .distributed import *
-from .export import *
+from .schema import *
+from .safe import *
+from .onnx import *
 from .train import *
-from . import core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, distributed, export, train
-__all__ = [name for module in (core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, distributed, export, train) for name in module.__all__]
+from . import core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train
+__all__ = [name for module in (core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train) for name in module.__all__]

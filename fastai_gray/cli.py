@@ -82,7 +82,7 @@ _PICKLE_SUFFIXES = ('.pkl', '.pickle')
 
 def _export(learn, out:Path):
     "Write `learn` to `out`: a safetensors model file (`export_safe`), or fastai's pickle (`learn.export`) for a `.pkl` name"
-    import fastai_gray.export  # Learner.export_safe
+    import fastai_gray.safe  # Learner.export_safe
     if out.suffix.lower() not in _PICKLE_SUFFIXES: return learn.export_safe(out)
     tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
     try:
@@ -134,7 +134,7 @@ def train(args, # the `train` command's options, as `argparse` parses them (a `N
 # %% ../nbs/05_cli.ipynb #4abced4d
 def _model_file(path:str, trust_pickle:bool=False):
     "The learner in the model file at `path` (`load_model_file`), or a `CliError` saying why not"
-    from fastai_gray.export import load_model_file, ModelFileError
+    from fastai_gray.safe import load_model_file, ModelFileError
     path = Path(path).expanduser()
     try: learn = load_model_file(path, trust_pickle=trust_pickle)
     except (ModelFileError, FileNotFoundError) as e: raise CliError(str(e)) from None
@@ -166,9 +166,25 @@ def _mask_summary(mask, codes) -> str:
     counts = np.bincount(mask.ravel(), minlength=len(codes))
     return ', '.join(f"{c} {n / mask.size:.1%}" for c, n in zip(codes, counts))
 
+def _heatmap_dir(args, segment:bool) -> Path|None:
+    "The folder of `--heatmaps` (None without it), checked before any prediction: a classifier, one PNG per image, pytorch-grad-cam installed"
+    if args.heatmaps is None: return None
+    if segment: raise UsageError(f"--heatmaps is for classifiers; {args.model} is a segmentation model")
+    from fastai_gray.explain import _cam_library, _heatmap_files
+    folder = Path(args.heatmaps).expanduser()
+    try: _heatmap_files(args.images, folder); _cam_library()
+    except (ValueError, ModuleNotFoundError) as e: raise CliError(str(e)) from None
+    return folder
+
+def _noting_readable(rows, files:list):
+    "The rows of `iter_predictions`, each file predicted without error added to `files`"
+    for row in rows:
+        if row['error'] is None: files.append(row['file'])
+        yield row
+
 def predict(args, # the `predict` command's options, as `argparse` parses them (a `Namespace`)
            ) -> int:
-    "`fastai-gray predict`: print `path, class, probability` (or `path, mask file, share of each code`) for each image; unreadable files on stderr, exit status 1"
+    "`fastai-gray predict`: print `path, class, probability` (or `path, mask file, share of each code`) for each image; unreadable files on stderr, exit status 1; with `--heatmaps DIR`, each readable image with its class activation map as `DIR/<stem>.png`"
     from fastprogress.fastprogress import progress_bar
     from fastai_gray.train import is_segmentation, class_names
     learn = _model_file(args.model, args.trust_pickle)
@@ -180,8 +196,10 @@ def predict(args, # the `predict` command's options, as `argparse` parses them (
         out_dir = Path(args.out_dir).expanduser()
         masks = dict(zip(args.images, _mask_files(args.images, out_dir)))
         out_dir.mkdir(parents=True, exist_ok=True)
+    heat_dir = _heatmap_dir(args, segment)
     show_bar, failed, out = sys.stderr.isatty(), 0, sys.stdout  # a progress bar for people; none in logs and pipes
     rows = iter_predictions(learn, args.images, args.bs)
+    if heat_dir is not None: rows = _noting_readable(rows, readable := [])
     with contextlib.redirect_stdout(sys.stderr):  # fastprogress prints to stdout; results only there
         for row in progress_bar(rows, total=len(args.images), leave=False) if show_bar else rows:
             if row['error'] is not None:
@@ -191,12 +209,16 @@ def predict(args, # the `predict` command's options, as `argparse` parses them (
                 _save_mask(row['mask'], masks[row['file']])
                 print(f"{row['file']}\t{masks[row['file']]}\t{_mask_summary(row['mask'], names)}", file=out, flush=True)
             else: print(f"{row['file']}\t{row['label']}\t{row['probability']:.4f}", file=out, flush=True)
+    if heat_dir is not None:
+        from fastai_gray.explain import write_heatmaps
+        write_heatmaps(learn, readable, heat_dir, bs=args.bs)
+        print(f"{PROG}: wrote the heatmaps of {len(readable)} image(s) to {heat_dir}", file=sys.stderr)
     return 1 if failed else 0
 
 def export(args, # the `export` command's options, as `argparse` parses them (a `Namespace`)
           ) -> int:
     "`fastai-gray export MODEL --onnx OUT`: the model for ONNX Runtime"
-    from fastai_gray.export import export_onnx
+    from fastai_gray.onnx import export_onnx
     out = Path(args.onnx).expanduser().absolute()
     _check_out(out, '--onnx')
     learn = _model_file(args.model, args.trust_pickle)
@@ -319,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument('--bs', type=_positive_int, default=64, help="images per batch; default: %(default)s")
     pr.add_argument('--out-dir', metavar='DIR', help="segmentation models: the folder for the masks (NAME.png for each image, "
                     "its label values, the image's size)")
+    pr.add_argument('--heatmaps', metavar='DIR', help="classifiers: write DIR/NAME.png for each image, the image as read (DICOM "
+                    "through the model's window) with its Grad-CAM map of the predicted class over it, at the image's size")
     pr.add_argument('--trust-pickle', **trust)
     pr.set_defaults(func=predict)
     ex = sub.add_parser('export', help="export a model file for deployment (ONNX)",

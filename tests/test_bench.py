@@ -25,14 +25,18 @@ def _module_imports(path:Path) -> set:
     return found
 
 def test_the_package_does_not_import_the_benchmark():
-    "No module but bench.py imports fastai_gray.bench or scikit-image when it is imported (the CLI imports bench lazily)"
+    "No module of the library (outside fastai_gray/bench/) imports the benchmark or scikit-image when it is imported (the CLI imports bench lazily)"
     bad = {}
     for py in sorted(LIB.glob('*.py')):
-        if py.name == 'bench.py': continue
-        mods = {m for m in _module_imports(py) if m in ('fastai_gray.bench', 'skimage') or m.startswith('skimage.')}
+        mods = {m for m in _module_imports(py) if m == 'fastai_gray.bench' or m.startswith(('fastai_gray.bench.', 'skimage'))}
         if mods: bad[py.name] = sorted(mods)
     assert not bad, f'modules that import the benchmark or its extra: {bad}'
-    assert 'skimage' in _module_imports(LIB/'bench.py') or 'skimage.data' in _module_imports(LIB/'bench.py')
+    assert 'skimage.data' in _module_imports(LIB/'bench'/'data.py')
+
+def test_benchmark_modules_are_small():
+    "One theme a module: no module of the library or the benchmark is over 450 lines (nbdev's index aside)"
+    big = {p.relative_to(LIB).as_posix(): n for p in LIB.rglob('*.py') if p.name != '_modidx.py' and (n := len(p.read_text().splitlines())) > 450}
+    assert not big, big
 
 def test_missing_scikit_image_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, 'skimage', None)  # as if scikit-image were not installed
@@ -151,3 +155,46 @@ def test_merge_into_needs_a_results_file(tmp_path):
     with pytest.raises(SystemExit, match='is not JSON'): main(['--only', 'onnx', '--merge-into', str(tmp_path)])
     with pytest.raises(SystemExit, match='not both'): main(['--only', 'onnx', '--merge-into', str(tmp_path), '--out', str(tmp_path)])
     with pytest.raises(ValueError, match='no segment stage'): merge_results({}, {'onnx': {}}, ['segment'])
+
+def _structure(v):
+    "The keys of `v` at every level (a list: its first item's), without the `run` a stage records of the run it comes from"
+    if isinstance(v, dict): return {k: _structure(o) for k, o in v.items() if k != 'run'}
+    if isinstance(v, list) and v and isinstance(v[0], (dict, list)): return [_structure(v[0])]
+    return type(v).__name__ if isinstance(v, (dict, list)) else None
+
+def test_stage_registry_is_results_json(res):
+    "`STAGES` names results.json's stages in its order; a full run's settings are those results.json records"
+    from fastai_gray.bench import STAGES, Stage, stage_settings
+    assert [k for k in res if k in STAGES] == list(STAGES) and all(isinstance(s, Stage) for s in STAGES.values())
+    assert res.keys() - STAGES.keys() == {'command', 'argv', 'mode', 'settings', 'machine', 'wall_s', 'load_avg_end', 'plots'}
+    full = json.loads(json.dumps(stage_settings('full')))  # the run's settings predate the segment and onnx stages (merged in later)
+    assert {k: full[k] for k in res['settings']} == res['settings'] and {k: full[k] for k in res['segment']['run']['settings']} == res['segment']['run']['settings']
+
+def test_a_run_writes_the_keys_of_results_json(res, tmp_path, monkeypatch):
+    "`main` over every stage (the stages' results taken from results.json, not measured) writes results.json with its keys at every level"
+    import fastai_gray.bench as bench
+    monkeypatch.setattr(bench, 'run_stages', lambda stages, cfg, work, source: {s: {k: v for k, v in res[s].items() if k != 'run'} for s in stages})
+    assert bench.main(['--out', str(tmp_path)]) == 0
+    new = json.loads((tmp_path/'results.json').read_text())
+    assert _structure(new).keys() == _structure(res).keys() and res['settings'].keys() <= new['settings'].keys()  # see above
+    assert {k: v for k, v in _structure(new).items() if k != 'settings'} == {k: v for k, v in _structure(res).items() if k != 'settings'}
+    assert all(new[s]['run']['command'] == f'fastai-gray bench --out {tmp_path}' for s in bench.STAGES)
+    same = lambda md: re.sub(r'Added by `[^\n]*\n\n', '', md.split('## Targets')[1])  # the tables, without the merged stages' runs
+    assert same((tmp_path/'results.md').read_text()) == same((BENCH/'results.md').read_text())
+
+def test_only_and_merge_into_parse():
+    from fastai_gray.bench import _parser, STAGES
+    args = _parser().parse_args(['--quick', '--only', 'segment', 'onnx', '--merge-into', 'nbs/bench'])
+    assert (args.quick, args.only, args.merge_into, args.out) == (True, ['segment', 'onnx'], Path('nbs/bench'), None)
+    assert _parser().parse_args(['--only', *STAGES]).only == list(STAGES)
+    with pytest.raises(SystemExit): _parser().parse_args(['--only', 'nothing'])
+
+@pytest.mark.slow
+def test_a_quick_run_of_one_stage(res, tmp_path, capsys):
+    "`fastai-gray bench --quick --only fidelity` measures (half a minute) and writes results.json with the keys of the committed one"
+    from fastai_gray.cli import main as cli
+    assert cli(['bench', '--quick', '--only', 'fidelity', '--out', str(tmp_path)]) == 0
+    new = json.loads((tmp_path/'results.json').read_text())
+    assert new.keys() == res.keys() - {'accuracy', 'data', 'e2e', 'segment', 'onnx'}
+    assert _structure(new['fidelity']) == _structure(res['fidelity']) and new['mode'] == 'quick' and new['plots'] == ['fidelity.png']
+    assert new['fidelity']['results']['ImageNet']['exact']['agreement'] == 1.0

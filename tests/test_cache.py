@@ -210,7 +210,7 @@ def test_train_from_cache_predict_from_files(tmp_path):
     from fastai.metrics import accuracy
     from fastai.vision.models import resnet18
     from fastai_gray.learner import gray_learner
-    from fastai_gray.export import load_learner_safe
+    from fastai_gray.safe import load_learner_safe
     from fastai_gray.train import predict_files
     from fastai_gray.datasets import digits_dataset
     from fastai.torch_core import set_seed

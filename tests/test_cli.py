@@ -161,7 +161,7 @@ def test_skip_bad_and_window(data, capsys, tmp_path):
     assert "fastai-gray: warning: skipping: cannot read image '" in err and 'bad.png' in err
     assert 'fastai-gray: warning: 1 of 10 image files cannot be read; left out (skip_bad)' in err
     assert '6 training and 3 validation images, 3 classes' in out and 'window minmax' in out
-    from fastai_gray.export import load_learner_safe
+    from fastai_gray.safe import load_learner_safe
     dark = data/'broken'/'a'/'a0.png'                      # values 0..59 of 255
     image, = load_learner_safe(model).dls.test_dl([dark]).dataset[0]
     assert np.asarray(image).min() == 0 and np.asarray(image).max() == 255   # spread over the whole range

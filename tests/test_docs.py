@@ -51,7 +51,7 @@ def test_module_pages_show_an_example_of_every_public_name():
     missing = {nb.name: m for nb in doc_audit.module_notebooks() if (m := doc_audit.missing_examples(nb))}
     assert not missing, f'no shown example with output (python tools/docs.py run NB saves outputs): {missing}'
 
-DOCUMENTED_MODULES = ('core', 'dicom', 'data', 'masks', 'datasets', 'cache', 'stem', 'weights', 'learner', 'unet', 'train', 'export',
+DOCUMENTED_MODULES = ('core', 'dicom', 'data', 'masks', 'datasets', 'cache', 'stem', 'weights', 'learner', 'unet', 'explain', 'train', 'schema', 'safe', 'onnx',
                       'distributed', 'cli')  # the package's modules (bench is apart: a script with a page)
 
 def _parameters_without_docments(module:str) -> dict:
@@ -269,7 +269,8 @@ def _modules() -> dict:
 
 def _public(module:str) -> tuple:
     "`(defined, other)`: the names of `module.__all__` it defines with def or class, and the others (constants, aliases)"
-    tree = ast.parse((LIB/(module.split('.')[-1] + '.py')).read_text())
+    path = ROOT/(module.replace('.', '/') + '.py')  # fastai_gray.bench.onnx: fastai_gray/bench/onnx.py
+    tree = ast.parse((path if path.is_file() else path.with_suffix('')/'__init__.py').read_text())
     names = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                   and any(getattr(t, 'id', None) == '__all__' for t in n.targets) and isinstance(n.value, ast.List)), [])
     defs = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}

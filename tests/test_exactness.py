@@ -17,7 +17,7 @@ from fastai.vision.core import imagenet_stats
 from fastai_gray.core import rel_error
 from fastai_gray.stem import update_first_layer, rgb_and_gray
 from fastai_gray.weights import lite0_checkpoint, LITE0_ARCH
-from fastai_gray.bench import photo_crops as gray_photo_crops  # gray crops of scikit-image's bundled photos
+from fastai_gray.bench.data import photo_crops as gray_photo_crops  # gray crops of scikit-image's bundled photos
 
 
 def relative_errors(y1, y3):

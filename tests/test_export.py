@@ -10,8 +10,9 @@ from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, get_image_f
 from fastai_gray.core import gray_stats
 from fastai_gray.data import GrayImageBlock
 from fastai_gray.learner import gray_learner
-from fastai_gray.export import (load_learner_safe, load_model_file, read_model_meta, is_safetensors, export_onnx, NormalizedGray,
-                                ModelFileError, PickleRefusedError, MODEL_FORMAT_VERSION)
+from fastai_gray.safe import (load_learner_safe, load_model_file, read_model_meta, is_safetensors, ModelFileError, PickleRefusedError,
+                              MODEL_FORMAT_VERSION)
+from fastai_gray.onnx import export_onnx, NormalizedGray
 
 
 def _write_images(folder, n=8):
