@@ -3,7 +3,7 @@
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MPLBACKEND ?= Agg
 
-.PHONY: export test test-fast bench bench-quick docs readme tutorials
+.PHONY: export test test-fast test-gpu bench bench-quick docs readme tutorials
 
 export:     ## notebooks -> fastai_gray/*.py, notebooks cleaned
 	nbdev-export && nbdev-clean
@@ -13,6 +13,9 @@ test:       ## tests/, every notebook, the docs site in headless Chromium (skipp
 
 test-fast:  ## the everyday tier: no training runs, no long notebooks, no browser (markers in setup.cfg)
 	python -m pytest -m "not slow and not browser"
+
+test-gpu:   ## the GPU tier (marker cuda): tests/test_gpu.py and the CUDA checks of tests/test_devices.py, sized for under 5 minutes on one GPU (tiny data); skipped where torch sees no GPU, failing instead with CI_GPU=true (python3: a bare GPU machine may have no `python`)
+	python3 -m pytest -m cuda -p no:cacheprovider tests/test_gpu.py tests/test_devices.py
 
 bench:      ## the full benchmark the docs quote, into nbs/bench/, then README.md from it (32 minutes on 2 idle cores); the segment and onnx stages add about 11
 	fastai-gray bench && python tools/docs.py readme

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse, contextlib, importlib, inspect, os, sys, tempfile, warnings
 from pathlib import Path
 from .datasets import DatasetError, DatasetWarning, UnreadableImagesError
-from .train import train_gray, check_train_args, resolve_arch, iter_predictions, DIGITS_SIZE, FOLDER_SIZE
+from .train import (train_gray, check_train_args, resolve_arch, iter_predictions, expand_files, export_model, write_mask,
+                               TrainingError, DIGITS_SIZE, SIZE_RANGE, PICKLE_SUFFIXES)
 
 # %% auto #0
 __all__ = ['PROG', 'CliError', 'UsageError', 'train', 'predict', 'export', 'bench', 'cache', 'main']
@@ -70,25 +71,14 @@ def _window(values:list|None):
         raise UsageError(f"--window takes CENTER WIDTH (numbers, WIDTH > 0), minmax, dicom (a DICOM file's own window) or a "
                          f"CT preset ({', '.join(WINDOWS)}); got {' '.join(values)}") from None
 
-def _check_out(out:Path, option:str='--out'):
-    "A `CliError` now, rather than after the work, if a file cannot be written to `out` (given as `option`)"
+def _check_out(out:Path, option:str='--out', overwrite:bool=True):
+    "A `CliError` now, rather than after the work, if a file cannot be written to `out` (given as `option`), or it exists and not `overwrite`"
     if out.is_dir(): raise CliError(f"{option} {out} is a folder; give a file name such as {out/'model.safetensors'}")
+    if out.exists() and not overwrite: raise CliError(f"{option} {out} exists; give --overwrite to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent): pass
     except OSError as e: raise CliError(f"cannot write the model to {out}: {e}")
-
-_PICKLE_SUFFIXES = ('.pkl', '.pickle')
-
-def _export(learn, out:Path):
-    "Write `learn` to `out`: a safetensors model file (`export_safe`), or fastai's pickle (`learn.export`) for a `.pkl` name"
-    import fastai_gray.safe  # Learner.export_safe
-    if out.suffix.lower() not in _PICKLE_SUFFIXES: return learn.export_safe(out)
-    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
-    try:
-        learn.export(tmp)
-        tmp.replace(out)
-    finally: tmp.unlink(missing_ok=True)
 
 _TRAIN_ARGS = ('task', 'epochs', 'freeze_epochs', 'size', 'bs', 'lr', 'init', 'seed', 'valid_pct', 'skip_bad', 'cache')
 
@@ -114,9 +104,9 @@ def train(args, # the `train` command's options, as `argparse` parses them (a `N
     window, mapping = _window(window_values), _mapping(args.map)
     if mapping and args.task != 'segment': raise UsageError("--map is for --task segment (mask values to labels)")
     out = Path(args.out).expanduser().absolute()
-    _check_out(out)
     try: arch = resolve_arch(args.arch)
     except ValueError as e: raise CliError(str(e)) from None
+    _check_out(out, overwrite=args.overwrite)
     from fastai_gray.weights import PretrainedWeightsError
     try:
         with _warnings_to_stderr():
@@ -124,10 +114,11 @@ def train(args, # the `train` command's options, as `argparse` parses them (a `N
     except UnreadableImagesError as e:
         for f, reason in e.bad: print(f"{PROG}: bad image: {reason}", file=sys.stderr)
         raise CliError(str(e).replace('cannot be read;', 'cannot be read (listed above);')) from None
-    except (DatasetError, PretrainedWeightsError, FileExistsError) as e: raise CliError(str(e)) from None
+    except (DatasetError, PretrainedWeightsError, FileExistsError, TrainingError) as e: raise CliError(str(e)) from None
     except OSError as e: raise CliError(str(e)) from e  # a file changed since it was checked
-    _export(learn, out)
-    print(f"exported the learner to {out}" + (' (a pickle: load it only with --trust-pickle)' if out.suffix.lower() in _PICKLE_SUFFIXES else ''))
+    try: export_model(learn, out, overwrite=args.overwrite)
+    except FileExistsError: raise CliError(f"--out {out} was written by another program while this one trained; give --overwrite to replace it") from None
+    print(f"exported the learner to {out}" + (' (a pickle: load it only with --trust-pickle)' if out.suffix.lower() in PICKLE_SUFFIXES else ''))
     print(_final_metric(learn))
     return 0
 
@@ -146,19 +137,18 @@ def _model_file(path:str, trust_pickle:bool=False):
         raise CliError(f"{path} holds a {type(learn).__name__}, not a learner")
     return learn
 
-def _mask_files(images:list, out_dir:Path) -> list[Path]:
-    "The mask file in `out_dir` for each of `images`: its name with `.png`; a `CliError` if two images would share one"
-    outs, seen = [out_dir/f'{Path(f).stem}.png' for f in images], {}
-    for f, o in zip(images, outs):
-        if o in seen: raise CliError(f"{seen[o]} and {f} would both write {o}; predict them in separate runs or rename one")
-        seen[o] = f
-    return outs
+def _mask_file(f, out_dir:Path, seen:dict, overwrite:bool) -> Path:
+    "The mask file in `out_dir` for image `f`: its name with `.png`; a `CliError` if an image in `seen` has it, or it exists and not `overwrite`"
+    o = out_dir/f'{Path(f).stem}.png'
+    if o in seen: raise CliError(f"{seen[o]} and {f} would both write {o}; predict them in separate runs or rename one")
+    if o.exists() and not overwrite: raise CliError(f"mask file {o} (of {f}) exists; give --overwrite to replace it")
+    seen[o] = f
+    return o
 
-def _save_mask(mask, path:Path):
-    "Label mask `mask` as a PNG of its label values: 8-bit, or 16-bit for labels over 255"
-    import numpy as np
-    from PIL import Image
-    Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(path)
+def _files(images:list):
+    "`expand_files(images)`, or a `CliError` for a missing list or folder"
+    try: return expand_files(images)
+    except FileNotFoundError as e: raise CliError(str(e)) from None
 
 def _mask_summary(mask, codes) -> str:
     "The share of the mask's pixels that each code holds, as `background 81.2%, digit 18.8%`"
@@ -166,13 +156,14 @@ def _mask_summary(mask, codes) -> str:
     counts = np.bincount(mask.ravel(), minlength=len(codes))
     return ', '.join(f"{c} {n / mask.size:.1%}" for c, n in zip(codes, counts))
 
-def _heatmap_dir(args, segment:bool) -> Path|None:
-    "The folder of `--heatmaps` (None without it), checked before any prediction: a classifier, one PNG per image, pytorch-grad-cam installed"
+def _heatmap_dir(args, segment:bool, listed:bool) -> Path|None:
+    "The folder of `--heatmaps` (None without it), checked before any prediction: a classifier, pytorch-grad-cam installed, one PNG per image (names from stdin: checked before any heatmap is written)"
     if args.heatmaps is None: return None
     if segment: raise UsageError(f"--heatmaps is for classifiers; {args.model} is a segmentation model")
     from fastai_gray.explain import _cam_library, _heatmap_files
     folder = Path(args.heatmaps).expanduser()
-    try: _heatmap_files(args.images, folder); _cam_library()
+    files = _files(args.images) if listed else []
+    try: _heatmap_files(files, folder); _cam_library()
     except (ValueError, ModuleNotFoundError) as e: raise CliError(str(e)) from None
     return folder
 
@@ -184,7 +175,7 @@ def _noting_readable(rows, files:list):
 
 def predict(args, # the `predict` command's options, as `argparse` parses them (a `Namespace`)
            ) -> int:
-    "`fastai-gray predict`: print `path, class, probability` (or `path, mask file, share of each code`) for each image; unreadable files on stderr, exit status 1; with `--heatmaps DIR`, each readable image with its class activation map as `DIR/<stem>.png`"
+    "`fastai-gray predict`: print `path, class, probability` (or `path, mask file, share of each code`) for each image as it is predicted; unreadable files on stderr, exit status 1; with `--heatmaps DIR`, each readable image with its class activation map as `DIR/<stem>.png`"
     from fastprogress.fastprogress import progress_bar
     from fastai_gray.train import is_segmentation, class_names
     learn = _model_file(args.model, args.trust_pickle)
@@ -192,22 +183,25 @@ def predict(args, # the `predict` command's options, as `argparse` parses them (
     if not names: raise CliError(f"{args.model} is a learner without classes or codes (dls.vocab)")
     if segment and args.out_dir is None: raise UsageError(f"{args.model} is a segmentation model: give --out-dir DIR for the masks")
     if not segment and args.out_dir is not None: raise UsageError(f"--out-dir is for segmentation models; {args.model} is a classifier")
+    listed = '-' not in args.images  # the names are known before the work (else they come from stdin as it goes)
+    heat_dir = _heatmap_dir(args, segment, listed)
     if segment:
-        out_dir = Path(args.out_dir).expanduser()
-        masks = dict(zip(args.images, _mask_files(args.images, out_dir)))
+        out_dir, seen = Path(args.out_dir).expanduser(), {}
+        if listed:  # every clash and existing mask file before any work
+            for f in _files(args.images): _mask_file(f, out_dir, seen, args.overwrite)
         out_dir.mkdir(parents=True, exist_ok=True)
-    heat_dir = _heatmap_dir(args, segment)
-    show_bar, failed, out = sys.stderr.isatty(), 0, sys.stdout  # a progress bar for people; none in logs and pipes
-    rows = iter_predictions(learn, args.images, args.bs)
+    show_bar, failed, out = sys.stderr.isatty() and listed, 0, sys.stdout  # a progress bar for people; none in logs and pipes
+    rows = iter_predictions(learn, _files(args.images), args.bs)
     if heat_dir is not None: rows = _noting_readable(rows, readable := [])
+    seen = {}
     with contextlib.redirect_stdout(sys.stderr):  # fastprogress prints to stdout; results only there
-        for row in progress_bar(rows, total=len(args.images), leave=False) if show_bar else rows:
+        for row in progress_bar(rows, total=sum(1 for _ in _files(args.images)), leave=False) if show_bar else rows:
             if row['error'] is not None:
                 failed += 1
                 print(f"{chr(13) + chr(27) + '[K' if show_bar else ''}{PROG}: error: {row['error']}", file=sys.stderr, flush=True)
             elif segment:
-                _save_mask(row['mask'], masks[row['file']])
-                print(f"{row['file']}\t{masks[row['file']]}\t{_mask_summary(row['mask'], names)}", file=out, flush=True)
+                mask = write_mask(row['mask'], _mask_file(row['file'], out_dir, seen, args.overwrite), overwrite=args.overwrite)
+                print(f"{row['file']}\t{mask}\t{_mask_summary(row['mask'], names)}", file=out, flush=True)
             else: print(f"{row['file']}\t{row['label']}\t{row['probability']:.4f}", file=out, flush=True)
     if heat_dir is not None:
         from fastai_gray.explain import write_heatmaps
@@ -311,7 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--freeze-epochs', type=int, default=d['freeze_epochs'],
                    help="epochs of the head alone first (fastai's fine_tune does 1); default: %(default)s")
     t.add_argument('--size', type=int, default=d['size'],
-                   help=f"image size in pixels; default: {FOLDER_SIZE}, {DIGITS_SIZE} for the digits")
+                   help=f"image size in pixels; default: the images' median shorter side to the nearest multiple of 32 "
+                        f"({SIZE_RANGE[0]} to {SIZE_RANGE[1]}), {DIGITS_SIZE} for the digits")
     t.add_argument('--bs', type=int, default=d['bs'], help="batch size; default: %(default)s")
     t.add_argument('--lr', type=float, default=d['lr'], help="peak learning rate of the one-cycle schedule; default: %(default)s")
     t.add_argument('--init', choices=('exact', 'sum'), default=d['init'],
@@ -328,21 +323,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--skip-bad', action='store_true', help="leave out image files that cannot be read (listed on stderr) instead of stopping")
     t.add_argument('--out', default='model.safetensors', help="model file to write: safetensors, or a fastai pickle for a .pkl name; "
                    "default: %(default)s in the current folder")
+    t.add_argument('--overwrite', action='store_true', help="replace the --out file if it exists (else an error, before training)")
     t.add_argument('--cache', metavar='DEST', help="build a gray cache of PATH in DEST (or reuse the one there) and train from "
                    "it; PATH may also be a cache itself (see `fastai-gray cache`)")
     t.set_defaults(func=train)
     pr = sub.add_parser('predict', help="predict the class (or the mask) of images with a model file",
-        description="Print path<TAB>class<TAB>probability for each image; with a segmentation model, write each image's label "
+        description="Print path<TAB>class<TAB>probability for each image, as it is predicted; with a segmentation model, write each image's label "
                     "mask to --out-dir and print path<TAB>mask file<TAB>share of each code. Unreadable files are reported on stderr.")
     trust = dict(action='store_true', help="load MODEL even if it is a pickle (fastai's learn.export), which runs any code it "
                                              "holds: only for a file you made or trust as much as a program")
     pr.add_argument('model', metavar='MODEL', help="a model file written by `fastai-gray train` or learn.export_safe (safetensors)")
-    pr.add_argument('images', nargs='+', metavar='IMAGE', help="image files, any mode and bit depth, DICOM too")
+    pr.add_argument('images', nargs='+', metavar='IMAGE', help="image files (any mode and bit depth, DICOM too); a folder: its image "
+                    "files, subfolders included; @LIST: the files named in text file LIST, one a line; -: names read from stdin")
     pr.add_argument('--bs', type=_positive_int, default=64, help="images per batch; default: %(default)s")
     pr.add_argument('--out-dir', metavar='DIR', help="segmentation models: the folder for the masks (NAME.png for each image, "
                     "its label values, the image's size)")
     pr.add_argument('--heatmaps', metavar='DIR', help="classifiers: write DIR/NAME.png for each image, the image as read (DICOM "
                     "through the model's window) with its Grad-CAM map of the predicted class over it, at the image's size")
+    pr.add_argument('--overwrite', action='store_true', help="replace mask files that exist in --out-dir (else an error)")
     pr.add_argument('--trust-pickle', **trust)
     pr.set_defaults(func=predict)
     ex = sub.add_parser('export', help="export a model file for deployment (ONNX)",
@@ -377,6 +375,10 @@ def main(argv:list|None=None, # the command-line arguments without the program n
         return e.status
     except SystemExit as e:  # --help, --version, or a command's own argparse
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BrokenPipeError:  # the reader stopped early (`| head`): what is left to print is not wanted, and is no error
+        with contextlib.suppress(OSError, ValueError):  # as Python's docs advise: stdout to devnull, so the flush at exit finds no pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

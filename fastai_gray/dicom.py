@@ -21,13 +21,22 @@ __all__ = ['DICOM_EXTRA', 'DICOM_SUFFIXES', 'WINDOWS', 'DICOM_TAGS', 'is_dicom',
 # %% ../nbs/00b_dicom.ipynb #3a6c7a7c
 DICOM_EXTRA = 'pip install "fastai_gray[dicom]"'
 
+_PYDICOM, _PYDICOM_LOCK = None, threading.Lock()  # the module once fully imported; the lock its import is made under
+
 def _pydicom():
-    "The `pydicom` module with its `pixels` API; a `ModuleNotFoundError` naming the extra to install when it is missing"
-    try:
-        import pydicom, pydicom.pixels
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"reading DICOM files needs pydicom and its decoders: {DICOM_EXTRA}", name=e.name) from e
-    return pydicom
+    "The `pydicom` module with its `pixels` API, imported once (thread-safely); a `ModuleNotFoundError` naming the extra to install when it is missing"
+    # Threads that read DICOM files (`verify_gray_images`, `dicom_headers`) start at the same moment in a fresh process: one
+    # imports pydicom while the others must wait for it, not see a half-imported module (its `Dataset` not defined yet).
+    global _PYDICOM
+    if _PYDICOM is not None: return _PYDICOM
+    with _PYDICOM_LOCK:
+        if _PYDICOM is None:
+            try:
+                import pydicom, pydicom.pixels
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(f"reading DICOM files needs pydicom and its decoders: {DICOM_EXTRA}", name=e.name) from e
+            _PYDICOM = pydicom
+    return _PYDICOM
 
 @contextlib.contextmanager
 def _no_warnings():
@@ -47,9 +56,8 @@ DICOM_SUFFIXES = ('.dcm', '.dicom')
 _PREAMBLE = 128  # bytes before the 'DICM' mark
 
 def _is_dataset(x):
-    "Whether `x` is a pydicom `Dataset` (it cannot be if pydicom was never imported)"
-    pydicom = sys.modules.get('pydicom')
-    return pydicom is not None and isinstance(x, pydicom.Dataset)
+    "Whether `x` is a pydicom `Dataset` (it cannot be if pydicom was never imported); checked against the fully imported module"
+    return sys.modules.get('pydicom') is not None and isinstance(x, _pydicom().Dataset)  # pydicom may be mid-import in another thread
 
 def is_dicom(src, # the file: its name or `Path`, its bytes, or a pydicom `Dataset`; anything else is not DICOM
             ) -> bool:

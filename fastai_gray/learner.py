@@ -81,7 +81,9 @@ def _gray_input(dls, channels, stats, add_norm):
             rgb = (mean * 3, std * 3) if len(mean) == 1 else (mean, std)
         return target, [GrayCallback(rgb, target)]
     if norm is None:
-        if add_norm: dls.add_tfms([Normalize.from_stats(*target)], 'after_batch')
+        if add_norm:  # its stats where the batches are: fastai's from_stats puts them on the default device (a GPU if any)
+            dls.add_tfms([Normalize.from_stats(*target, cuda=False)], 'after_batch')
+            if dls.device is not None: dls.to(dls.device)
         return target, []
     mean, std = _stats_of(norm)
     if len(mean) != 1:

@@ -14,7 +14,7 @@ from fastcore.basics import ifnone
 from .core import check_stats, gray_stats, rel_error
 
 # %% auto #0
-__all__ = ['exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'find_first_conv', 'SumFromRGB',
+__all__ = ['FUSED_ON', 'exact_gray_weights', 'sum_gray_weights', 'ExactGrayConv', 'rgb_and_gray', 'find_first_conv', 'SumFromRGB',
            'update_first_layer', 'rgb_state_dict']
 
 # %% ../nbs/02_stem.ipynb #5ceb4dcc
@@ -75,6 +75,14 @@ def _conv_like(conv:nn.Conv2d, n_in:int=1, bias:bool=True):
     return new
 
 # %% ../nbs/02_stem.ipynb #dfba9cb2
+def _runs_fused(fused:bool|None, x:torch.Tensor) -> bool:
+    "Whether `ExactGrayConv` computes its two terms as one 4-channel conv: `fused` if set, else by `x`'s device (`FUSED_ON`)"
+    if fused is not None: return bool(fused)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export(): return False  # exported graphs keep the two-term form
+    return x.device.type in FUSED_ON
+
+FUSED_ON = {'cuda'}  # devices where `fused=None` fuses: on the CPU the two-term form is faster (measured, see below)
+
 class ExactGrayConv(nn.Module):
     "1-channel stand-in for the 3-channel `conv`: equal outputs on gray input normalized with `input_stats`, borders included"
     def __init__(self,
@@ -82,20 +90,33 @@ class ExactGrayConv(nn.Module):
                  stats=imagenet_stats, # the 3-channel model's input normalization `(mean, std)`
                  input_stats=None,     # the gray model's input normalization `([mean], [std])`; None: `gray_stats(stats)`
                  pretrained:bool=True, # convert `conv`'s trained weights; False: a fresh default initialization
+                 fused:bool|None=None, # one 4-channel conv of `[x, 1, 0, 0]` (True) or `conv(x) + offset(1)` (False); None: by device, `FUSED_ON`
                 ):
         super().__init__()
         _check_rgb_conv('conv', conv)
         self.stats = check_stats(stats)
         self.input_stats = check_stats(gray_stats(stats) if input_stats is None else input_stats, 1, 'input_stats')
         self.conv, self.offset = _conv_like(conv), _conv_like(conv, bias=False)
+        self.fused = fused
         if pretrained: self._set_rgb_weights(conv.weight, conv.bias)
         else:
             nn.init.zeros_(self.offset.weight)
             if self.conv.bias is not None: self.conv.reset_parameters()
 
     def forward(self, x):
+        if _runs_fused(getattr(self, 'fused', None), x): return self._fused_forward(x)  # getattr: pickles from before `fused`
         ones = torch.ones(1, 1, *x.shape[-2:], dtype=x.dtype, device=x.device)
         return self.conv(x) + self.offset(ones)
+
+    def _fused_forward(self, x):
+        "`conv(x) + offset(ones)` as one conv of `[x, 1, 0, 0]` with `[W', K, 0, 0]`: zero (or reflect) padding acts on the ones as in `offset`"
+        w, k = self.conv.weight, self.offset.weight
+        z = torch.zeros_like(w)
+        weight = torch.cat([w, k, z, z], 1)  # 4 channels: cuDNN's tensor-core kernels want a multiple of 4
+        one, zero = torch.ones_like(x), torch.zeros_like(x)  # x's dtype and memory format (channels_last stays so)
+        x4 = torch.cat([x, one, zero, zero], 1)
+        if type(self.conv).forward is nn.Conv2d.forward: return self.conv._conv_forward(x4, weight, self.conv.bias)
+        return torch.func.functional_call(self.conv, {'weight': weight, 'bias': self.conv.bias}, (x4,))  # e.g. timm's Conv2dSame
 
     @torch.no_grad()
     def _set_rgb_weights(self, weight, bias=None):

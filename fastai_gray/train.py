@@ -6,14 +6,17 @@ Docs: https://fastai-gray.github.io/fastai_gray/train.html.md"""
 
 # %% ../nbs/04c_train.ipynb #7d4eb539
 from __future__ import annotations
-import json, sys, time
+import itertools, json, os, statistics, sys, time, warnings
 from pathlib import Path
 from .weights import LITE0_ARCH
-from .datasets import DatasetError, labelled_images, digits_dataset, segmentation_items, digits_segmentation_dataset
+from .datasets import (DatasetError, DatasetWarning, image_files, labelled_images, digits_dataset, segmentation_items,
+                                  digits_segmentation_dataset)
+
 
 # %% auto #0
-__all__ = ['DIGITS_SIZE', 'FOLDER_SIZE', 'TASKS', 'resolve_arch', 'check_train_args', 'train_gray', 'is_segmentation',
-           'class_names', 'iter_predictions', 'predict_files']
+__all__ = ['DIGITS_SIZE', 'SIZE_RANGE', 'TASKS', 'PICKLE_SUFFIXES', 'resolve_arch', 'check_train_args', 'default_size',
+           'TrainingError', 'train_gray', 'export_model', 'write_mask', 'is_segmentation', 'class_names',
+           'iter_predictions', 'predict_files', 'expand_files']
 
 # %% ../nbs/04c_train.ipynb #9a31cf24
 def resolve_arch(name:str, # a fastai arch (`resnet18`), a timm model name, or 'timm:NAME' for timm's only
@@ -33,7 +36,7 @@ def resolve_arch(name:str, # a fastai arch (`resnet18`), a timm model name, or '
 
 # %% ../nbs/04c_train.ipynb #9cee663e
 DIGITS_SIZE = 64    # the default image size for the digits demos
-FOLDER_SIZE = 224  # the default image size for your images: the size the ImageNet weights were trained at
+SIZE_RANGE = (32, 224)  # the default size of your images lies in here: 224 is the size the ImageNet weights were trained at
 
 def check_train_args(epochs:int=6, # epochs of the whole model: at least 1
                      freeze_epochs:int=0, # epochs of the head (or decoder) alone first: 0 or more
@@ -51,6 +54,34 @@ def check_train_args(epochs:int=6, # epochs of the whole model: at least 1
                     (0 < valid_pct < 1, f"valid_pct must lie between 0 and 1, got {valid_pct}")]:
         if not ok: raise ValueError(msg)
 
+def _shorter_side(f) -> int|None:
+    "The shorter side in pixels of image file `f`, from its header (DICOM: Rows and Columns); None if that cannot be read"
+    from PIL import Image
+    from fastai_gray.dicom import is_dicom, read_dicom
+    try:
+        if is_dicom(f):
+            ds = read_dicom(f, stop_before_pixels=True)
+            return min(int(ds.Rows), int(ds.Columns))
+        with Image.open(f) as im: return min(im.size)
+    except Exception: return None
+
+def _median_side(files, n:int=200) -> float|None:
+    "The median shorter side of `n` of `files`, evenly spaced (headers only); None if none can be read"
+    files = list(files)
+    sides = [s for s in map(_shorter_side, files[::max(1, len(files) // n)]) if s]
+    return statistics.median(sides) if sides else None
+
+def default_size(files, # image files (paths), any mode and bit depth, DICOM too
+                 n:int=200, # files looked at: this many, evenly spaced through `files` (only their headers are read)
+                ) -> int:
+    "The size `train_gray` trains at when none is given: the median shorter side of `files`, to the nearest multiple of 32, within `SIZE_RANGE`"
+    return _size_for(_median_side(files, n))
+
+def _size_for(side:float|None) -> int:
+    lo, hi = SIZE_RANGE
+    return hi if side is None else min(max(int(side / 32 + 0.5) * 32, lo), hi)
+
+
 # %% ../nbs/04c_train.ipynb #40f80bcb
 def _epoch_line(phase:str, n_epochs:int):
     "A fastai callback printing one line per epoch: the phase, the epoch, the recorder's losses and metrics, the time"
@@ -65,10 +96,35 @@ def _epoch_line(phase:str, n_epochs:int):
             print(f"{phase} epoch {self.epoch + 1}/{n_epochs}: {stats} ({time.monotonic() - self.start:.0f} s)", flush=True)
     return EpochLine()
 
+class TrainingError(RuntimeError):
+    "Training failed in a way that leaves no model worth keeping (a loss that is not finite)"
+
+def _finite_loss():
+    "A fastai callback that stops the fit at the first training batch, or epoch, whose loss is not finite, and keeps where in `bad`"
+    import math
+    from fastai.callback.core import Callback, CancelFitException
+    from fastai.learner import Recorder
+    class FiniteLoss(Callback):
+        order, bad = Recorder.order + 1, None  # after the recorder has logged the epoch
+        def after_loss(self):
+            if self.training and not math.isfinite(loss := float(self.loss.detach())):
+                self.bad = f"the training loss became {loss} in epoch {self.epoch + 1}, batch {self.iter + 1}"
+                raise CancelFitException()
+        def after_epoch(self):
+            losses = {n: v for n, v in zip(self.recorder.metric_names[1:3], self.recorder.log[1:3]) if isinstance(v, float)}
+            if bad := {n: v for n, v in losses.items() if not math.isfinite(v)}:
+                self.bad = f"the {' and the '.join(f'{n} is {v}' for n, v in bad.items())} after epoch {self.epoch + 1}"
+                raise CancelFitException()
+    return FiniteLoss()
+
 def _fit(learn, epochs:int, lr:float, phase:str, progress:bool):
-    "`learn.fit_one_cycle(epochs, lr)` with fastai's bars and table, or with one line per epoch"
-    if progress: return learn.fit_one_cycle(epochs, lr)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=_epoch_line(phase, epochs))
+    "`learn.fit_one_cycle(epochs, lr)` with fastai's bars and table, or with one line per epoch; a `TrainingError` if a loss is not finite"
+    finite = _finite_loss()
+    if progress: learn.fit_one_cycle(epochs, lr, cbs=finite)
+    else:
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=[finite, _epoch_line(phase, epochs)])
+    if finite.bad: raise TrainingError(f"{finite.bad}: the model diverged, so none is kept; try a lower lr (now {lr:g})")
+
 
 # %% ../nbs/04c_train.ipynb #14978901
 TASKS = ('classify', 'segment')
@@ -108,28 +164,51 @@ def _learner(task:str, dls, arch, pretrained:bool, init:str):
     metric = Dice() if len(dls.vocab) == 2 else DiceMulti()
     return gray_unet_learner(dls, arch, pretrained=pretrained, init=init, metrics=metric, check_masks=False)  # checked already
 
+# %% ../nbs/04c_train.ipynb #7c1981db
+def _fitting_bs(bs:int, n_train:int) -> int:
+    "`bs`, lowered (with a `DatasetWarning`) to `n_train` if larger: a training epoch drops its last partial batch, so it would have none"
+    if bs <= n_train: return bs
+    warnings.warn(f"bs {bs} is more than the {n_train} training images: lowered to {n_train} (training drops a partial batch)", DatasetWarning)
+    return n_train
+
+def _check_ct_window(files:list, window):
+    "A `DatasetWarning`, once, if `window` is a CT preset (Hounsfield units) and some of the DICOM `files` are not CT, naming their modalities"
+    from fastai_gray.dicom import WINDOWS, is_dicom, dicom_headers
+    if not (isinstance(window, str) and window in WINDOWS): return
+    dicoms = [f for f in files if is_dicom(f)]
+    if not dicoms: return
+    modalities = dicom_headers(dicoms, tags=['Modality']).Modality.fillna('not given').value_counts()
+    other = {m: n for m, n in modalities.items() if m != 'CT'}
+    if other:
+        found = ', '.join(f"{n} {m}" for m, n in other.items())
+        warnings.warn(f"window {window!r} is a CT preset in Hounsfield units, but {sum(other.values())} of the {len(dicoms)} DICOM files "
+                      f"are not CT (Modality: {found}): their values are in other units; give a window in their units, or 'dicom'", DatasetWarning)
+
 def _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress):
-    "`(DataLoaders, task, size, codes)` of the gray cache `cache` built from `path` (or reused), or of `path` when it is a cache"
+    "`(DataLoaders, task, size, codes, bs)` of the gray cache `cache` built from `path` (or reused), or of `path` when it is a cache"
+    from fastai.torch_core import set_seed
     from fastai_gray.cache import GrayCache, build_gray_cache
-    if cache is not None: c = build_gray_cache(path, cache, size, task, window=window, mapping=mapping, skip_bad=skip_bad, progress=progress)
+    if cache is not None:
+        if size is None: raise ValueError("size is needed to build a cache (cache=..., --cache): the side its images are stored at")
+        c = build_gray_cache(path, cache, size, task, window=window, mapping=mapping, skip_bad=skip_bad, progress=progress)
     else:
         c = GrayCache(path)
         given = dict(size=size, window=window, mapping=mapping, task=None if task == 'classify' else task)  # 'classify': the default
         built = dict(size=c.size, window=c.settings['window'], mapping=dict(c.settings['mapping'] or {}) or None, task=c.task)
         differ = [f"{k} {built[k]!r} (given {v!r})" for k, v in given.items() if v is not None and _json_like(v) != _json_like(built[k])]
         if differ: raise DatasetError(f"{path} is a gray cache built with other settings: {'; '.join(differ)}; build another (cache=...)")
-    dls = c.dataloaders(bs=bs, valid_pct=valid_pct, seed=seed)
-    return dls, c.task, c.size, c.codes
+    bs = _fitting_bs(bs, len(c.splits(valid_pct, seed)[0]))
+    set_seed(seed)
+    return c.dataloaders(bs=bs, valid_pct=valid_pct, seed=seed), c.task, c.size, c.codes, bs
 
 def _json_like(v): return json.loads(json.dumps(v, default=str))
 
-# %% ../nbs/04c_train.ipynb #7c1981db
 def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders (or train/ and valid/ folders of them), or a CSV of filename,label rows; segment: a folder of images/ and masks/ (and codes.txt), or a CSV of image,mask rows; None: a digits demo
                task:str='classify', # 'classify' (`gray_learner`) or 'segment' (`gray_unet_learner`)
                arch=LITE0_ARCH, # a fastai arch or timm model, by name (`resolve_arch`) or as `gray_learner` takes it
                epochs:int=6, # epochs of the whole model (one-cycle schedule)
                freeze_epochs:int=0, # epochs of the head (or decoder) alone first (fastai's `fine_tune` does 1)
-               size:int|None=None, # image size in pixels; default 224, 64 for the digits demos
+               size:int|None=None, # image size in pixels; default: from the images (`default_size`), 64 for the digits demos
                bs:int=32, # batch size
                lr:float=3e-3, # peak learning rate
                init:str='exact', # first-layer conversion: 'exact' or 'sum' (fastai's `n_in=1`)
@@ -142,7 +221,7 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
                progress:bool|None=None, # fastai's progress bars (True) or one line per epoch (False); default: whether stdout is a terminal
                cache:Path|str|None=None, # a gray cache folder to build from `path` (or reuse) and train from; `path` may also be a cache itself
               ):
-    "A gray learner fine-tuned on the images at `path` (default: a digits demo): a classifier with accuracy, or a U-Net with Dice"
+    "A gray learner fine-tuned on the images at `path` (default: a digits demo): a classifier with accuracy, or a U-Net with Dice; a `TrainingError` if the loss is not finite"
     check_train_args(epochs, freeze_epochs, size, bs, lr, valid_pct)
     if task not in TASKS: raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     from fastai.torch_core import set_seed
@@ -152,26 +231,34 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
     demo = path is None
     if demo: path = digits_dataset() if task == 'classify' else digits_segmentation_dataset()
     else: path = Path(path).expanduser()
-    from fastai_gray.cache import is_gray_cache
-    from_cache = cache is not None or is_gray_cache(path)
-    if not from_cache:
-        data = _classify_data if task == 'classify' else _segment_data
-        dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
     if isinstance(arch, str): arch_name, arch = arch, resolve_arch(arch)
     else: arch_name = getattr(arch, '__name__', str(arch))
-    size = size or (None if cache is None and from_cache else DIGITS_SIZE if demo else FOLDER_SIZE)  # a cache's own
     progress = sys.stdout.isatty() if progress is None else progress
-    set_seed(seed)
-    if from_cache: dls, task, size, codes = _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress or None)
+    from fastai_gray.cache import is_gray_cache
+    if cache is not None or is_gray_cache(path):
+        dls, task, size, codes, bs = _cache_dls(path, cache, task, size or (DIGITS_SIZE if demo else None), bs, valid_pct, seed, window,
+                                                mapping, skip_bad, progress or None)
+        sized = ''
     else:
+        data = _classify_data if task == 'classify' else _segment_data
+        dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
+        files = items.iloc[:, 0].tolist()
+        if size: sized = ''
+        elif demo: size, sized = DIGITS_SIZE, ''
+        else:
+            side = _median_side(files)
+            size, sized = _size_for(side), f" (the images' median shorter side{f' is {side:g} px' if side else ' is unknown'})"
+        bs = _fitting_bs(bs, len(dblock.splitter(items)[0]))
+        _check_ct_window(files, window)
+        set_seed(seed)
         dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
         dls = dblock.dataloaders(items, bs=bs, num_workers=0)
     if codes is not None: dls.vocab = codes  # as fastai's SegmentationDataLoaders: the mask block keeps them in its transforms
     holds = f"{len(dls.vocab)} classes" if codes is None else f"{len(codes)} codes ({', '.join(map(str, codes[:6]))}{', ...' if len(codes) > 6 else ''})"
     with pretrained_weights_errors(arch_name): learn = _learner(task, dls, arch, pretrained, init)
     frozen = f"{freeze_epochs} epoch(s) of the {'head' if task == 'classify' else 'decoder'}, then " if freeze_epochs else ''
-    print(f"{'digits' if demo else path}: {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, {holds}; "
-          f"{arch_name} at {size} px, bs {bs}, {frozen}{epochs} epoch(s) of the whole model, lr {lr:g}"
+    print(f"{f'digits ({path})' if demo else path}: {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, {holds}; "
+          f"{arch_name} at {size} px{sized}, bs {bs}, {frozen}{epochs} epoch(s) of the whole model, lr {lr:g}"
           + (f", window {window}" if window else ''), flush=True)
     if freeze_epochs:
         learn.freeze()
@@ -179,6 +266,46 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
     learn.unfreeze()
     _fit(learn, epochs, lr, 'model', progress)
     return learn
+
+# %% ../nbs/04c_train.ipynb #3b7e5a01
+PICKLE_SUFFIXES = ('.pkl', '.pickle')  # model file names that `export_model` writes as fastai's pickle
+
+def _exists_error(path:Path) -> FileExistsError:
+    return FileExistsError(f"{path} exists; it was not replaced (overwrite=True replaces it)")
+
+def _write_atomically(path:Path, write):
+    "`write(tmp)` to a temporary file in `path`'s folder, then renamed to `path`: a kill leaves the old file or none, never half of one"
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def export_model(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray`
+                 fname:Path|str, # the model file: safetensors, or fastai's pickle for a .pkl or .pickle name
+                 overwrite:bool=False, # replace `fname` if it exists (else a `FileExistsError`)
+                ) -> Path:
+    "Write `learn` to model file `fname` atomically (a kill never leaves half a file under its name): safetensors (`export_safe`), or fastai's pickle (`learn.export`) for a .pkl name; its path"
+    import fastai_gray.safe  # Learner.export_safe
+    path = Path(fname).expanduser().absolute()
+    if path.exists() and not overwrite: raise _exists_error(Path(fname))
+    if path.suffix.lower() in PICKLE_SUFFIXES: _write_atomically(path, learn.export)
+    else: learn.export_safe(path)  # a temporary file renamed, as `_write_atomically`
+    return path
+
+def write_mask(mask, # a label mask: a 2-d array of non-negative ints, e.g. a `mask` of `iter_predictions`
+               fname:Path|str, # the PNG file to write
+               overwrite:bool=False, # replace `fname` if it exists (else a `FileExistsError`)
+              ) -> Path:
+    "Write label mask `mask` atomically as a PNG of its label values (8-bit, or 16-bit for labels over 255); its path"
+    import numpy as np
+    from PIL import Image
+    path = Path(fname)
+    if path.exists() and not overwrite: raise _exists_error(path)
+    image = Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16))
+    _write_atomically(path, lambda tmp: image.save(tmp, format='PNG'))
+    return path
+
 
 # %% ../nbs/04c_train.ipynb #487f32e5
 def is_segmentation(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
@@ -228,16 +355,19 @@ def _error_text(f, e:Exception) -> str:
     return str(e) if str(f) in str(e) else f"{f}: {e}"
 
 def iter_predictions(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray` or `load_model_file`
-                     files, # image files (paths), any mode and bit depth, DICOM too
+                     files, # image files (paths), any mode and bit depth, DICOM too: a list, or any iterable (read as it goes)
                      bs:int=64, # images per batch: a positive int
                     ):
-    "For each of `files` in order, as its batch is done: `dict(file, label, probability, error)`, or `dict(file, mask, error)` for a U-Net; `error` None, or the rest None"
+    "For each of `files` in order, as its batch is done: `dict(file, label, probability, error)`, or `dict(file, mask, error)` for a U-Net; `error` None, or the rest None. Lazy: `files` is read a batch at a time, so memory stays constant however many there are"
     if not isinstance(bs, int) or bs < 1: raise ValueError(f"bs must be a positive int, got {bs!r}")
-    segment, files = is_segmentation(learn), list(files)
+    segment = is_segmentation(learn)
     if segment: _check_squish(learn)
     predict, empty = (_segment_batch, dict(mask=None)) if segment else (_classify_batch, dict(label=None, probability=None))
-    for i in range(0, len(files), bs):
-        names = files[i:i + bs]
+    return _predictions(learn, iter(files), bs, predict, empty)
+
+def _predictions(learn, files, bs:int, predict, empty:dict):
+    "The rows of `iter_predictions`, a batch of `files` (an iterator) at a time"
+    while names := list(itertools.islice(files, bs)):
         try: outs, errors = predict(learn, [Path(n) for n in names]), [None] * len(names)
         except Exception:  # a file the pipeline cannot read: find it, predict the others one by one
             outs, errors = [], []
@@ -254,3 +384,27 @@ def predict_files(learn, # a trained fastai classifier or U-Net, e.g. from `trai
     import pandas as pd
     columns = ['file', 'mask', 'error'] if is_segmentation(learn) else ['file', 'label', 'probability', 'error']
     return pd.DataFrame(list(iter_predictions(learn, files, bs)), columns=columns)
+
+# %% ../nbs/04c_train.ipynb #5c2d9e10
+def _names_in(lines):
+    "The file names in `lines` (a file or stdin), one a line, blank lines skipped"
+    for line in lines:
+        if name := line.rstrip('\r\n'):
+            if name.strip(): yield name
+
+def expand_files(sources, # file names, as on a command line: a folder (its image files, as `image_files`), '@LIST' (the names in text file LIST, one a line), '-' (names read from `stdin`), else an image file
+                 stdin=None, # where '-' reads names from; default: `sys.stdin`
+                ):
+    "The image files that `sources` name, one at a time and in order (lazily: a list or a folder of any size in constant memory); a `FileNotFoundError` for a missing folder or list before any is read"
+    sources = [str(s) for s in sources]
+    for s in sources:
+        if s.startswith('@') and not Path(s[1:]).expanduser().is_file(): raise FileNotFoundError(f"list of files {s[1:]!r} (given as {s}) does not exist")
+    def files():
+        for s in sources:
+            if s == '-': yield from _names_in(stdin or sys.stdin)
+            elif s.startswith('@'):
+                with open(Path(s[1:]).expanduser(), encoding='utf-8') as f: yield from _names_in(f)
+            elif Path(s).is_dir(): yield from image_files(s)
+            else: yield s
+    return files()
+

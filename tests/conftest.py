@@ -12,9 +12,16 @@ is converted once per run, about a second). `tempfile`'s folder is in there too:
 
 Tiers (markers in setup.cfg). `slow`: trains a model or takes over ~10 s; `make test-fast` leaves these out. `browser`:
 drives headless Chromium; where Chromium is missing such a test is skipped with the reason, except in CI (`CI=true`),
-where it fails: CI must check the docs site.
+where it fails: CI must check the docs site. `cuda`: needs a CUDA GPU (tests/test_gpu.py, `make test-gpu`); where torch
+sees none such a test is skipped with the reason, except where `CI_GPU=true` (a GPU machine's run), where it fails.
+
+Devices. The header of a run says which device it uses: fastai's DataLoaders put batches on a CUDA GPU where there is
+one, so a test that calls a model by hand or compares with the CPU's float32 pins its DataLoaders to the CPU
+(`device='cpu'`). The fixture `default_device_elsewhere` checks that on any machine: fastai's `default_device()` is the
+`meta` device for the test, so whatever follows the default device instead of the DataLoaders' fails, as it would on a GPU.
 
 Fixtures. `labelled_images`: tiny labelled image folders, in assorted PIL modes. `chromium`: the browser's path.
+`default_device_elsewhere`: fastai's default device is not the CPU (above).
 """
 import os, shutil, tempfile, warnings
 from pathlib import Path
@@ -98,11 +105,46 @@ def find_chromium() -> str|None:
 NO_CHROMIUM = ('Chromium is not installed (`apt-get install -y chromium` on Debian, or set $CHROMIUM to its path); '
                'the docs site is checked in a browser')
 
+def gpu_required() -> bool:
+    "Whether this run must have a CUDA GPU (`CI_GPU=true`): a `cuda` test fails instead of skipping"
+    return os.environ.get('CI_GPU', '').strip().lower() in ('true', '1', 'yes')
+
+NO_CUDA = 'no CUDA GPU: torch.cuda.is_available() is False here; the GPU tier (`make test-gpu`) runs where there is one'
+
 def pytest_runtest_setup(item):
-    "A `browser` test without Chromium: skipped with the reason, or a failure in CI; before any of its fixtures run"
+    """A `browser` test without Chromium: skipped with the reason, or a failure in CI; a `cuda` test without a CUDA GPU:
+    skipped with the reason, or a failure where `CI_GPU=true`; before any of its fixtures run"""
     if item.get_closest_marker('browser') and not find_chromium():
         if in_ci(): pytest.fail(f'{NO_CHROMIUM}, and in CI (CI=true) it must be', pytrace=False)
         pytest.skip(NO_CHROMIUM)
+    if item.get_closest_marker('cuda'):
+        import torch
+        if not torch.cuda.is_available():
+            if gpu_required(): pytest.fail(f'{NO_CUDA}, and CI_GPU=true asks for one', pytrace=False)
+            pytest.skip(NO_CUDA)
+
+def pytest_report_header(config):
+    "Which device the run uses: where fastai's DataLoaders put batches, and the TF32 settings a CUDA run compares under"
+    import torch
+    if not torch.cuda.is_available():
+        return (f"device: cpu (torch {torch.__version__} sees no CUDA GPU): the `cuda` tests "
+                + ('fail (CI_GPU=true)' if gpu_required() else 'are skipped'))
+    return (f"device: cuda ({torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}): fastai's "
+            f"DataLoaders put batches there unless a test pins them; TF32 for cuDNN convolutions {torch.backends.cudnn.allow_tf32}, "
+            f"for matmuls {torch.backends.cuda.matmul.allow_tf32}")
+
+@pytest.fixture
+def default_device_elsewhere(monkeypatch):
+    """fastai's `default_device()` is the `meta` device during the test (in every fastai and fastai_gray module that bound
+    it): a batch, a statistic or a model that follows it instead of the DataLoaders' device fails, as on a CUDA machine"""
+    import sys, torch
+    import fastai.torch_core as tc
+    original = tc.default_device
+    def meta(use=-1): return torch.device('meta')
+    for name, module in list(sys.modules.items()):
+        if name.split('.')[0] in ('fastai', 'fastai_gray') and getattr(module, 'default_device', None) is original:
+            monkeypatch.setattr(module, 'default_device', meta)
+    yield torch.device('meta')
 
 @pytest.fixture(scope='session')
 def chromium() -> str:

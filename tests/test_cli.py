@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import fastai_gray.cli
 from fastai_gray.cli import main
 from conftest import class_image, write_labelled_images  # the image writers the test files share
 
@@ -27,6 +28,12 @@ def data(tmp_path_factory):
     (root/'notes.png').write_text('not an image')
     torch.save({'w': torch.zeros(2)}, root/'state.pth')
     return root
+
+
+@pytest.fixture(autouse=True)
+def in_a_scratch_folder(tmp_path, monkeypatch):
+    "Each test runs in its own folder: the default --out (model.safetensors) of one, or of a user's run in the clone, is not another's"
+    monkeypatch.chdir(tmp_path)
 
 
 def run(capsys, *argv):
@@ -290,9 +297,10 @@ def test_dicom_folder(tmp_path, capsys):
     rows = [l.split('\t') for l in out.splitlines()]
     assert status == 1 and len(rows) == 1 and rows[0][0].endswith('mr1.dcm') and rows[0][1] in ('ct', 'mr')
     assert 'notes.dcm' in err
-    status, out, err = run(capsys, 'train', *TINY, '--skip-bad', '--out', model, '--window', 'lungs', tmp_path/'data')  # PATH after a window
+    status, out, err = run(capsys, 'train', *TINY, '--skip-bad', '--out', model, '--overwrite', '--window', 'lungs', tmp_path/'data')  # PATH after a window
     assert status == 0, err
     assert "skipping: " in err and 'scout.png' in err and 'window lungs' in out   # a CT preset does not apply to a PNG
+    assert err.count('is a CT preset in Hounsfield units') == 1 and "but 6 of the 12 DICOM files are not CT (Modality: 6 MR)" in err  # said once, for all
 
 
 @pytest.mark.slow
@@ -323,3 +331,115 @@ def test_segment_train_predict(tmp_path, capsys):
     assert status == 0, err
     status, out, err = run(capsys, 'train', data, '--map', '255:1', *TINY)
     assert status == 2 and '--map is for --task segment' in err
+
+
+# ---------------------------------------------------------------------------------------------------- everyday use (issue 17)
+
+@pytest.fixture(scope='module')
+def tiny_model(data, tmp_path_factory):
+    "A classifier of `data/'flat'` (a, b, c), trained for one epoch at 16 px"
+    model = tmp_path_factory.mktemp('tiny')/'tiny.safetensors'
+    assert main(['train', str(data/'flat'), '--epochs', '1', '--size', '16', '--bs', '8', '--out', str(model)]) == 0
+    return model
+
+
+@pytest.mark.slow
+def test_small_data_and_size_from_the_images(tmp_path, capsys):
+    "Fewer training images than --bs: bs lowered with a notice, a finite loss; no --size: the images' size, said in the start line"
+    write_labelled_images(tmp_path/'few', classes=('a', 'b'), n=6, size=(20, 30))
+    status, out, err = run(capsys, 'train', tmp_path/'few', '--epochs', '1', '--out', tmp_path/'m.safetensors')
+    assert status == 0, err
+    assert 'fastai-gray: warning: bs 32 is more than the 10 training images: lowered to 10' in err
+    assert "at 32 px (the images' median shorter side is 20 px), bs 10," in out
+    loss = float(out.split('train_loss ')[1].split(',')[0])
+    assert np.isfinite(loss) and (tmp_path/'m.safetensors').is_file()
+
+
+@pytest.mark.slow
+def test_small_segmentation_data(tmp_path, capsys):
+    "Segmentation with fewer training images than --bs trains (it raised `This DataLoader does not contain any batches`)"
+    from fastai_gray.datasets import digits_segmentation_dataset
+    data = digits_segmentation_dataset(tmp_path/'seg', n=10, size=32)
+    status, out, err = run(capsys, 'train', data, '--task', 'segment', '--epochs', '1', '--out', tmp_path/'m.safetensors')
+    assert status == 0, err
+    assert 'lowered to 8' in err and '8 training and 2 validation images' in out and 'at 32 px' in out
+
+
+@pytest.mark.slow
+def test_a_diverging_run_keeps_no_model(data, capsys, tmp_path):
+    "A loss that is not finite: one error, exit status 1, no model file"
+    model = tmp_path/'m.safetensors'
+    status, out, err = run(capsys, 'train', data/'flat', '--epochs', '2', '--size', '16', '--bs', '8', '--lr', '1e12', '--out', model)
+    assert status == 1 and 'Traceback' not in err and not model.exists() and not list(tmp_path.iterdir())
+    assert _lines(err)[-1].startswith('fastai-gray: error: the ') and 'the model diverged, so none is kept; try a lower lr' in err
+
+
+@pytest.mark.slow
+def test_no_overwrite_without_the_flag(data, capsys, tmp_path, tiny_model):
+    "train refuses an existing --out before training, predict refuses existing masks before predicting; --overwrite replaces"
+    model = tmp_path/'m.safetensors'
+    model.write_bytes(b'a good model')
+    status, out, err = run(capsys, 'train', data/'flat', *TINY, '--out', model)
+    assert status == 1 and 'epoch' not in out and model.read_bytes() == b'a good model'
+    assert _lines(err) == [f'fastai-gray: error: --out {model} exists; give --overwrite to replace it']
+    status, out, err = run(capsys, 'train', data/'flat', *TINY, '--out', model, '--overwrite')
+    assert status == 0 and model.read_bytes() != b'a good model' and [p.name for p in tmp_path.iterdir()] == ['m.safetensors']
+    from fastai_gray.datasets import digits_segmentation_dataset
+    seg = digits_segmentation_dataset(tmp_path/'seg', n=12, size=32)
+    unet = tmp_path/'unet.safetensors'
+    assert run(capsys, 'train', seg, '--task', 'segment', '--epochs', '1', '--bs', '4', '--out', unet)[0] == 0
+    masks, images = tmp_path/'masks', [seg/'images'/'0000.png', seg/'images'/'0001.png']
+    masks.mkdir(); (masks/'0001.png').write_bytes(b'kept')
+    status, out, err = run(capsys, 'predict', unet, *images, '--out-dir', masks)
+    assert status == 1 and out == '' and (masks/'0001.png').read_bytes() == b'kept' and not (masks/'0000.png').exists()
+    assert _lines(err) == [f"fastai-gray: error: mask file {masks/'0001.png'} (of {images[1]}) exists; give --overwrite to replace it"]
+    status, out, err = run(capsys, 'predict', unet, *images, '--out-dir', masks, '--overwrite')
+    assert status == 0 and len(out.splitlines()) == 2 and Image.open(masks/'0001.png').size == (32, 32)
+
+
+def _predict(model, *args, stdin=None, bufsize=-1):
+    return subprocess.Popen([sys.executable, '-m', 'fastai_gray', 'predict', str(model), *map(str, args)], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=bufsize)
+
+
+@pytest.mark.slow
+def test_folders_lists_stdin_and_pipes(data, capsys, tmp_path, tiny_model):
+    "predict DIR, @LIST and - (stdin), in input order; lines come as they are made; a reader that stops early is no error"
+    flat = sorted(str(p) for p in (data/'flat').rglob('*.png'))
+    status, out, err = run(capsys, 'predict', tiny_model, data/'flat', '--bs', '5')
+    assert status == 0 and [l.split('\t')[0] for l in out.splitlines()] == flat, err
+    (tmp_path/'list.txt').write_text('\n'.join(flat[::-1]) + '\n')
+    status, out2, err = run(capsys, 'predict', tiny_model, f"@{tmp_path/'list.txt'}", '--bs', '5')
+    assert status == 0 and out2.splitlines() == out.splitlines()[::-1]
+    status, out, err = run(capsys, 'predict', tiny_model, f"@{tmp_path/'nope.txt'}")
+    assert status == 1 and 'nope.txt' in err and 'does not exist' in err
+    # a fresh process, as from a shell: names on stdin, each line out as soon as its batch is done (stdin still open)
+    p = _predict(tiny_model, '-', '--bs', '1', stdin=subprocess.PIPE, bufsize=1)
+    p.stdin.write(flat[0] + '\n'); p.stdin.flush()
+    assert p.stdout.readline().split('\t')[0] == flat[0]                     # streamed: the first line before the list ends
+    p.stdin.write(flat[1] + '\n'); p.stdin.close()
+    assert p.stdout.readline().split('\t')[0] == flat[1] and p.wait(timeout=60) == 0
+    # `| head -1`: the reader goes away after one line
+    p = _predict(tiny_model, data/'flat', data/'flat', data/'flat', '--bs', '1')
+    assert p.stdout.readline().startswith(flat[0]); p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and 'Traceback' not in err and 'BrokenPipe' not in err, err
+
+
+def test_the_demo_says_where_its_data_is(capsys, monkeypatch, tmp_path):
+    "The start line names the folder the digits demo was written to (training left out)"
+    import fastai_gray.train
+    from fastai_gray.weights import cache_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fastai_gray.train, '_fit', lambda *args: None)
+    monkeypatch.setattr(fastai_gray.cli, 'export_model', lambda learn, out, overwrite: out)
+    monkeypatch.setattr(fastai_gray.cli, '_final_metric', lambda learn: '')
+    status, out, err = run(capsys, 'train', '--epochs', '1', '--out', 'unused.safetensors')
+    assert status == 0, err
+    assert out.startswith(f"digits ({cache_dir()/'digits'}): 1438 training and 359 validation images, 10 classes")
+
+
+def test_default_model_file_is_git_ignored():
+    root = Path(__file__).parents[1]
+    if not (root/'.git').exists(): pytest.skip('not a git checkout')
+    assert subprocess.run(['git', 'check-ignore', '-q', 'model.safetensors'], cwd=root).returncode == 0

@@ -1,9 +1,11 @@
 """The converted stem under other number formats, memory formats and devices.
 
 On the CPU (every run): bfloat16 autocast, channels-last, float64. On a CUDA GPU, only where torch sees one: the model
-moved to the GPU, float16 autocast and channels-last there; without a GPU these are skipped, saying so, and a CPU run
-promises nothing about CUDA."""
-import copy
+moved to the GPU, float16 autocast and channels-last there (marker `cuda`, part of `make test-gpu` with tests/test_gpu.py);
+without a GPU these are skipped, saying so, and a CPU run promises nothing about CUDA. The skip itself, and its failure
+where `CI_GPU=true`, are tested here on any machine."""
+import copy, sys
+from pathlib import Path
 import pytest
 import torch
 from torchvision.models import resnet18
@@ -57,9 +59,24 @@ def test_float64_on_cpu(models):
     assert y1.dtype == torch.float64 and rel(y1, y3) < 1e-10
 
 
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here: the CUDA checks did not run')
+def test_cuda_tests_skip_without_a_gpu_except_with_ci_gpu(pytester, monkeypatch):
+    "Where torch sees no GPU a `cuda` test is skipped, saying why, and the header says the run is on the CPU; CI_GPU=true fails it"
+    pytester.makeconftest((Path(__file__).parent/'conftest.py').read_text())
+    pytester.makeini('[pytest]\naddopts = -rs\nmarkers =\n    cuda: needs a CUDA GPU\n')
+    pytester.makepyfile(test_gpu='import pytest\n\n@pytest.mark.cuda\ndef test_on_gpu(): pass\n\ndef test_other(): pass\n')
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # no GPU for torch in the subprocess, on any machine
+    monkeypatch.delenv('CI_GPU', raising=False)
+    res = pytester.runpytest_subprocess()
+    res.assert_outcomes(passed=1, skipped=1)
+    res.stdout.fnmatch_lines(['device: cpu (torch * sees no CUDA GPU): the `cuda` tests are skipped',
+                              '*SKIPPED*no CUDA GPU: torch.cuda.is_available() is False here*make test-gpu*'])
+    monkeypatch.setenv('CI_GPU', 'true')
+    res = pytester.runpytest_subprocess()
+    res.assert_outcomes(passed=1, errors=1)
+    res.stdout.fnmatch_lines(['device: cpu * the `cuda` tests fail (CI_GPU=true)', '*no CUDA GPU*and CI_GPU=true asks for one*'])
 
-@NO_CUDA
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu(models):
     "The converted model moved to the GPU gives the CPU's logits (float32; TF32 convolutions allowed, hence 1e-2)"
     _, m1 = models
@@ -67,7 +84,7 @@ def test_cuda_matches_cpu(models):
     with torch.no_grad(): ref, y = m1(x), copy.deepcopy(m1).cuda()(x.cuda())
     assert y.device.type == 'cuda' and rel(y.cpu(), ref) < 1e-2
 
-@NO_CUDA
+@pytest.mark.cuda
 def test_float16_autocast_and_channels_last_on_cuda(models):
     _, m1 = models
     x = torch.randn(2, 1, 67, 91)

@@ -1,8 +1,9 @@
 "DICOM input: fastai_gray.dicom and gray_image against pydicom's own modality and VOI transforms, on pydicom's bundled files"
-import sys, warnings
+import subprocess, sys, warnings
 from pathlib import Path
 import numpy as np
 import pytest
+import fastai_gray.dicom
 
 pydicom = pytest.importorskip('pydicom')
 from pydicom.data import get_testdata_file
@@ -208,6 +209,7 @@ def test_named_errors(tmp_path):
 def test_without_pydicom(monkeypatch, tmp_path):
     "Without pydicom, a DICOM file is an error that names the extra; other images are read as ever"
     for name in [m for m in sys.modules if m == 'pydicom' or m.startswith('pydicom.')]: monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(fastai_gray.dicom, '_PYDICOM', None)  # the module imported once, forgotten
     with pytest.raises(ModuleNotFoundError, match=r'pip install "fastai_gray\[dicom\]"'): gray_image(get_testdata_file('CT_small.dcm'))
     with pytest.raises(ModuleNotFoundError, match=r'fastai_gray\[dicom\]'): dicom_headers([get_testdata_file('CT_small.dcm')])
     Image.fromarray(np.full((2, 2), 7, np.uint8)).save(tmp_path/'a.png')
@@ -235,7 +237,7 @@ def test_dicom_folder_in_a_datablock(tmp_path):
     files = sorted(tmp_path.rglob('*.*'))
     dblock = DataBlock(blocks=(GrayImageBlock(window='minmax'), CategoryBlock), get_items=lambda _: files,
                        get_y=parent_label, splitter=lambda o: (list(range(len(o))), [0]), item_tfms=Resize(16))
-    dls = dblock.dataloaders(tmp_path, bs=5, num_workers=0)
+    dls = dblock.dataloaders(tmp_path, bs=5, num_workers=0, device='cpu')  # compared as numpy arrays below
     x, y = dls.train.new(shuffle=False).one_batch()
     assert x.shape == (5, 1, 16, 16) and 0 <= x.min() and x.max() <= 1
     for i, f in enumerate(dls.train_ds.items):
@@ -293,3 +295,68 @@ def test_threads_leave_warning_filters_alone(tmp_path):
         assert len(dicom_headers(files, n_workers=4)) == 24
     assert warnings.filters == before
     with pytest.warns(UserWarning, match='still shown'): warnings.warn('still shown')
+
+
+# ---------------------------------------------------------------------------------------------------- fresh processes
+# Threads that read DICOM files import pydicom lazily, all at the same moment, in a process that has not imported it yet:
+# each must wait for the one import, never see the half-imported module (`partially initialized module 'pydicom' has no
+# attribute 'Dataset'`). The test process imported pydicom long ago, so these run in fresh processes.
+
+READ_IN_THREADS = '''
+import sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+from pathlib import Path
+from fastai_gray.data import verify_gray_images
+assert 'pydicom' not in sys.modules
+files = sorted(Path(sys.argv[1]).rglob('*.dcm'))
+def check(files):
+    bad = verify_gray_images(files, n_workers=8)
+    assert not bad, list(bad)
+    return len(files)
+if __name__ == '__main__':
+    assert check(files) == len(files)
+    if len(sys.argv) > 2:  # and worker processes (fresh ones: spawned), each reading in threads
+        with ProcessPoolExecutor(2, mp_context=mp.get_context('spawn')) as ex: assert sum(ex.map(check, [files] * 2)) == 2 * len(files)
+    print('read', len(files))
+'''
+
+def dicom_folder(root:Path, n:int=8) -> Path:
+    "`root` with class folders ct/ and mr/ of `n` copies each of pydicom's CT_small.dcm and MR_small.dcm"
+    for c, name in (('ct', 'CT_small.dcm'), ('mr', 'MR_small.dcm')):
+        (root/c).mkdir(parents=True, exist_ok=True)
+        src = Path(get_testdata_file(name)).read_bytes()
+        for i in range(n): (root/c/f'{c}{i}.dcm').write_bytes(src)
+    return root
+
+def read_in_fresh_processes(tmp_path, n:int, *extra) -> list:
+    "Run READ_IN_THREADS on a DICOM folder in `n` fresh Python processes, two at a time; the failures' stderr"
+    folder, script = dicom_folder(tmp_path/'dcm'), tmp_path/'read.py'
+    script.write_text(READ_IN_THREADS)
+    failed = []
+    for i in range(0, n, 2):
+        procs = [subprocess.Popen([sys.executable, script, folder, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(min(2, n - i))]
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            if p.returncode != 0 or 'read 16' not in out: failed.append(err.strip().splitlines()[-1:])
+    return failed
+
+def test_threads_read_dicom_in_a_fresh_process(tmp_path):
+    "A fresh process reads a DICOM folder in 8 threads: pydicom imported once, by one thread, the others wait for it"
+    assert read_in_fresh_processes(tmp_path, 1) == []
+
+@pytest.mark.slow
+def test_threads_and_processes_read_dicom_many_times(tmp_path):
+    "20 fresh processes, each reading a DICOM folder in threads, then in 2 spawned worker processes of threads each"
+    failed = read_in_fresh_processes(tmp_path, 20, 'processes')
+    assert failed == [], f"{len(failed)} of 20 failed: {failed[:3]}"
+
+@pytest.mark.slow
+def test_train_on_a_dicom_folder(tmp_path):
+    "`fastai-gray train` on a folder of DICOM class folders, in a fresh process (pydicom not imported before)"
+    folder, model = dicom_folder(tmp_path/'dcm'), tmp_path/'dcm.safetensors'
+    r = subprocess.run([sys.executable, '-m', 'fastai_gray', 'train', folder, '--epochs', '1', '--size', '32', '--bs', '4',
+                        '--out', model], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert '12 training and 4 validation images, 2 classes' in r.stdout and model.is_file()

@@ -1,4 +1,7 @@
-"Safe model files and ONNX: export_safe -> load_learner_safe round trips, every validation error, pickles refused, ONNX parity."
+"""Safe model files and ONNX: export_safe -> load_learner_safe round trips, every validation error, pickles refused, ONNX parity.
+
+Every DataLoaders here is on the CPU (`device='cpu'`), as the files load (`load_learner_safe(cpu=True)`): the round trips
+compare float32 on one device to 1e-5. Across devices (a CUDA learner, TF32) they are checked in tests/test_gpu.py."""
 import json, os, pickle, struct, sys, warnings
 from pathlib import Path
 import numpy as np
@@ -33,7 +36,7 @@ def folder(tmp_path_factory): return _write_images(tmp_path_factory.mktemp('expo
 
 def _dls(folder, block=GrayImageBlock, item_tfms=Resize(24, method='squish'), batch_tfms=None):
     return DataBlock(blocks=(block, CategoryBlock), get_items=get_image_files, get_y=parent_label, splitter=RandomSplitter(0.25, seed=0),
-                     item_tfms=item_tfms, batch_tfms=batch_tfms).dataloaders(folder, bs=8, num_workers=0)
+                     item_tfms=item_tfms, batch_tfms=batch_tfms).dataloaders(folder, bs=8, num_workers=0, device='cpu')
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +55,7 @@ def lite0_file(lite0): return lite0.export_safe('lite0.safetensors')
 def resnet(folder, tmp_path_factory):
     "torchvision resnet18 (pretrained=False), its DataLoaders normalized by the user, init='sum', a custom head size"
     set_seed(1)
-    dls = _dls(folder, batch_tfms=[*aug_transforms(size=24, min_scale=1.), Normalize.from_stats(*gray_stats())])
+    dls = _dls(folder, batch_tfms=[*aug_transforms(size=24, min_scale=1.), Normalize.from_stats(*gray_stats(), cuda=False)])
     return gray_learner(dls, resnet18, pretrained=False, init='sum', lin_ftrs=[64], ps=0.3, concat_pool=False,
                         path=tmp_path_factory.mktemp('resnet'))
 
@@ -336,7 +339,8 @@ def _seg_dls(seg_data, codes='data', size=(36, 44), mask_block=GrayMaskBlock):
     _, images, masks, data_codes, valid = seg_data
     block = mask_block(data_codes if codes == 'data' else codes)
     return _DataBlock(blocks=(GrayImageBlock, block), get_x=ColReader('image'), get_y=ColReader('mask'), splitter=IndexSplitter(valid),
-                      item_tfms=Resize(size, method='squish')).dataloaders(pd.DataFrame(dict(image=images, mask=masks)), bs=4, num_workers=0)
+                      item_tfms=Resize(size, method='squish')).dataloaders(pd.DataFrame(dict(image=images, mask=masks)), bs=4, num_workers=0,
+                                                                                device='cpu')
 
 
 @pytest.fixture(scope='module')
@@ -403,6 +407,7 @@ def test_segment_trained_round_trip(seg_data, tmp_path):
     "A U-Net trained by `train_gray` (dls.vocab = codes, Resize squish), saved and loaded, predicts the same masks for `fastai-gray predict`"
     learn = train_gray(seg_data[0], task='segment', arch='resnet18', pretrained=False, epochs=1, size=32, bs=8, progress=False)
     learn.path = tmp_path
+    learn.dls.cpu(), learn.model.cpu()  # trained on the default device (a GPU if any); compared with the CPU-loaded file to 1e-5
     safe = load_learner_safe(learn.export_safe('trained.safetensors'))
     files = seg_data[1][:5]
     torch.testing.assert_close(_preds(safe, files), _preds(learn, files), rtol=0, atol=1e-5)
@@ -511,7 +516,7 @@ def test_model_file_has_the_users_permissions(tmp_path):
         (tmp_path/c).mkdir()
         for i in range(2): Image.fromarray(np.full((8, 8), 40 * i + 100 * (c == 'b'), np.uint8)).save(tmp_path/c/f'{i}.png')
     dls = DataBlock(blocks=(GrayImageBlock, CategoryBlock), get_items=lambda p: sorted(p.rglob('*.png')), get_y=parent_label,
-                    splitter=lambda o: (list(range(len(o))), [0]), item_tfms=Resize(16)).dataloaders(tmp_path, bs=2, num_workers=0)
+                    splitter=lambda o: (list(range(len(o))), [0]), item_tfms=Resize(16)).dataloaders(tmp_path, bs=2, num_workers=0, device='cpu')
     learn = gray_learner(dls, 'resnet18', pretrained=False)
     umask = os.umask(0o022); os.umask(umask)
     path = learn.export_safe(tmp_path/'m.safetensors')

@@ -1,6 +1,11 @@
 """`gray_learner` over fastai's `model_meta` archs, a timm name, and a torchvision-style callable with pretrained weights;
 the checks moved out of nbs/04_learner.ipynb to keep that page fast: `rgb_state_dict` after training, and `GrayCallback`
-on RGB DataLoaders with and without a 3-channel `Normalize`."""
+on RGB DataLoaders with and without a 3-channel `Normalize`.
+
+The DataLoaders are pinned to the CPU (`device='cpu'`): the tests call the model by hand on their batches, and compare
+with the CPU's float32 to 1e-4; on a CUDA machine fastai would put the batches on the GPU and the model stay on the CPU.
+tests/test_gpu.py checks the same on CUDA. Every test here runs with fastai's default device elsewhere (conftest's
+`default_device_elsewhere`): what follows it instead of the DataLoaders fails on any machine, as it would on a GPU."""
 import copy
 import numpy as np
 import pytest
@@ -13,13 +18,15 @@ from fastai.vision.models.xresnet import xresnet18
 from fastai_gray.all import (gray_learner, GrayImageBlock, GrayCallback, ExactGrayConv, find_first_conv, gray_stats,
                              update_first_layer, rgb_and_gray, rel_error, rgb_state_dict, lite0_checkpoint)
 
+pytestmark = pytest.mark.usefixtures('default_device_elsewhere')
+
 
 @pytest.fixture(scope='module')
 def dls():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (64, 64), dtype=np.uint8) for _ in range(16)]
     return DataBlock(blocks=(GrayImageBlock, CategoryBlock), get_x=lambda i: images[i], get_y=lambda i: str(i % 2),
-                     splitter=RandomSplitter(0.25, seed=0)).dataloaders(list(range(16)), bs=4, num_workers=0)
+                     splitter=RandomSplitter(0.25, seed=0)).dataloaders(list(range(16)), bs=4, num_workers=0, device='cpu')
 
 
 @pytest.mark.parametrize('arch', [resnet18, xresnet18, densenet121, vgg11_bn, alexnet, squeezenet1_1, 'resnet18'],
@@ -37,6 +44,18 @@ def test_gray_learner_builds_trains_and_splits(dls, arch):
     loss = learn.loss_func(learn.model(xb), yb)
     loss.backward()
     assert stem.conv.weight.grad is not None
+
+
+def test_added_normalize_is_where_the_batches_are(default_device_elsewhere):
+    "The Normalize gray_learner adds holds its stats on the DataLoaders' device, not on fastai's default one (a GPU if any)"
+    images = [np.full((8, 8), 30 * i, np.uint8) for i in range(8)]
+    dls = DataBlock(blocks=(GrayImageBlock, CategoryBlock), get_x=lambda i: images[i], get_y=lambda i: str(i % 2),
+                    splitter=RandomSplitter(0.25, seed=0)).dataloaders(list(range(8)), bs=4, num_workers=0, device='cpu')
+    learn = gray_learner(dls, lambda pretrained=False: resnet18(), stats=imagenet_stats)   # "pretrained": Normalize added
+    norm, = learn.dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize))
+    assert norm.mean.device.type == norm.std.device.type == 'cpu'
+    xb, _ = learn.dls.one_batch()
+    assert xb.device.type == 'cpu' and xb.mean().abs() < 3
 
 
 def test_pretrained_callable_gets_converted_weights(dls):
@@ -85,7 +104,7 @@ def test_half_precision_models_convert_exactly():
 
 def folder_dls(folder, block=GrayImageBlock, batch_tfms=None):
     return DataBlock(blocks=(block, CategoryBlock), get_items=get_image_files, get_y=parent_label, splitter=RandomSplitter(0.25, seed=0),
-                     batch_tfms=batch_tfms).dataloaders(folder, bs=4, num_workers=0)
+                     batch_tfms=batch_tfms).dataloaders(folder, bs=4, num_workers=0, device='cpu')
 
 
 @pytest.fixture(scope='module')
@@ -110,7 +129,7 @@ def test_trained_model_back_to_rgb_is_the_same_function(gray_folder):
     set_seed(2)
     imnet = gray_learner(dls, resnet18, pretrained=False, stats=imagenet_stats)   # as if pretrained on ImageNet-normalized input
     with imnet.no_bar(), imnet.no_logging(): imnet.fit(1, 1e-3)                    # training moves both stem kernels
-    rgb_dls = folder_dls(gray_folder, ImageBlock, Normalize.from_stats(*imagenet_stats))
+    rgb_dls = folder_dls(gray_folder, ImageBlock, Normalize.from_stats(*imagenet_stats, cuda=False))
     back = vision_learner(rgb_dls, resnet18, pretrained=False)
     back.model.load_state_dict(rgb_state_dict(imnet.model))
     back.model.eval(); imnet.model.eval()
@@ -122,9 +141,9 @@ def test_trained_model_back_to_rgb_is_the_same_function(gray_folder):
 def test_gray_callback_feeds_what_the_gray_pipeline_gives(gray_folder, rgb_folder, norm):
     "On RGB DataLoaders (a 3-channel `Normalize` or none) the Lite0 model sees the gray batch within 1/255, trains, predicts"
     gray_dls = folder_dls(rgb_folder)   # the RGB files read as gray: PIL's luma, rounded to 8 bits
-    gray_dls.add_tfms([Normalize.from_stats([.5], [.5])], 'after_batch')   # as gray_learner normalizes gray input for Lite0
+    gray_dls.add_tfms([Normalize.from_stats([.5], [.5], cuda=False)], 'after_batch')   # as gray_learner normalizes gray input for Lite0
     want = gray_dls.valid.one_batch()[0]
-    dls3 = folder_dls(rgb_folder, ImageBlock, None if norm is None else Normalize.from_stats(*imagenet_stats))
+    dls3 = folder_dls(rgb_folder, ImageBlock, None if norm is None else Normalize.from_stats(*imagenet_stats, cuda=False))
     set_seed(0)
     learn = gray_learner(dls3, 'tf_efficientnet_lite0', pretrained_cfg_overlay=dict(file=lite0_checkpoint()))
     cb, = learn.cbs.filter(lambda c: isinstance(c, GrayCallback))

@@ -1,6 +1,7 @@
 """`gray_unet_learner` and gray masks: the exactness contract of the encoder (torchvision and timm, odd sizes, ImageNet
 per-channel stats), 1-channel U-Nets at odd sizes, 8/16-bit masks, the mask errors, predict input kinds, save/load
-(a 3-channel checkpoint too), export/load_learner."""
+(a 3-channel checkpoint too), export/load_learner. The DataLoaders are on the CPU (`device='cpu'`) and fastai's default
+device elsewhere (conftest's `default_device_elsewhere`): the tests call the model by hand, as they would on a GPU machine."""
 import json
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from fastai.vision.all import (DataBlock, MaskBlock, RandomSplitter, FuncSplitte
 from fastai_gray.all import (gray_unet_learner, timm_encoder, GrayImageBlock, GrayMaskBlock, ExactGrayConv, rgb_and_gray,
                              rel_error, lite0_checkpoint, mask_items, check_masks, read_mask, arch_from_name, gray_stats)
 
+pytestmark = pytest.mark.usefixtures('default_device_elsewhere')
 SIZE = (131, 97)  # width, height: odd, so every stride rounds
 
 
@@ -32,7 +34,7 @@ def write_pairs(dest, n=8, size=SIZE, bits=8, seed=0):
 def seg_dls(folder, block=None, bs=4):
     pairs = dict(mask_items(folder))
     return DataBlock(blocks=(GrayImageBlock, block or GrayMaskBlock(['bg', 'a', 'b'])), get_y=lambda f: pairs[f],
-                     splitter=FuncSplitter(lambda f: f.stem in ('0', '1'))).dataloaders(list(pairs), bs=bs, num_workers=0)
+                     splitter=FuncSplitter(lambda f: f.stem in ('0', '1'))).dataloaders(list(pairs), bs=bs, num_workers=0, device='cpu')
 
 
 @pytest.fixture(scope='module')
