@@ -12,6 +12,7 @@ from pathlib import Path
 import multiprocessing as mp
 import numpy as np, torch
 from fastcore.basics import chunked, defaults
+from fastcore.parallel import parallel
 from fastcore.foundation import L
 from fastai.torch_core import TensorCategory, TensorMask, default_device
 from fastai.data.core import TfmdDL, DataLoaders, Datasets, TfmdLists
@@ -365,7 +366,7 @@ def build_gray_cache(source, # what `train_gray` takes for `task`: a folder of c
     t0 = time.monotonic()
     items, vocab = _source_items(source, task, window, mapping, skip_bad)
     n = len(items)
-    wide = window is not None or not all(map(_is_8bit, items['file']))
+    wide = window is not None or not all(parallel(_is_8bit, items['file'], n_workers=defaults.cpus, threadpool=True))  # headers only
     dtype = np.uint16 if wide else np.uint8
     say(f"{source}: {n} images found and checked ({time.monotonic() - t0:.1f} s); caching them at {size} px, "
         f"{'16' if wide else '8'}-bit, in {max(1, n_workers)} process(es)")

@@ -324,8 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--out', default='model.safetensors', help="model file to write: safetensors, or a fastai pickle for a .pkl name; "
                    "default: %(default)s in the current folder")
     t.add_argument('--overwrite', action='store_true', help="replace the --out file if it exists (else an error, before training)")
-    t.add_argument('--cache', metavar='DEST', help="build a gray cache of PATH in DEST (or reuse the one there) and train from "
-                   "it; PATH may also be a cache itself (see `fastai-gray cache`)")
+    t.add_argument('--cache', metavar='DEST', help="build a gray cache of PATH at --size in DEST (or reuse the one there) and "
+                   "train from it; PATH may also be a cache itself (see `fastai-gray cache`)")
     t.set_defaults(func=train)
     pr = sub.add_parser('predict', help="predict the class (or the mask) of images with a model file",
         description="Print path<TAB>class<TAB>probability for each image, as it is predicted; with a segmentation model, write each image's label "

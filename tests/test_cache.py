@@ -267,3 +267,14 @@ def test_cli_cache_then_train_and_predict(tmp_path, capsys):
     assert main(['train', str(dest), '--size', '24']) == 1
     assert 'size 16 (given 24)' in capsys.readouterr().err
     assert main(['cache', str(src), str(tmp_path/'x')]) == 2  # --size is required
+
+def test_masks_with_a_mapping(tmp_path):
+    "0/255 masks with mapping={255: 1}: the cache's labels are the file pipeline's, and the mapping is a setting of the cache"
+    src = digits_segmentation_dataset(tmp_path/'seg', n=12, size=24)
+    for f in (src/'masks').glob('*.png'): Image.fromarray(np.asarray(Image.open(f)) * 255).save(f)
+    (src/'codes.txt').unlink()
+    cache = build_gray_cache(src, tmp_path/'cache', 16, task='segment', mapping={255: 1}, n_workers=0, progress=False)
+    assert cache.settings['mapping'] == [[255, 1]] and set(np.unique(cache.masks)) == {0, 1}
+    _same_as_files(cache, _file_dls(src, 16, task='segment', mapping={255: 1}), exact=True)
+    with pytest.raises(FileExistsError, match=r'mapping \[\[255, 1\]\] \(now None\)'):
+        build_gray_cache(src, tmp_path/'cache', 16, task='segment', n_workers=0, progress=False)
