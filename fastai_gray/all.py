@@ -13,6 +13,7 @@ from .dicom import *
 from .data import *
 from .masks import *
 from .datasets import *
+from .cache import *
 from .stem import *
 from .weights import *
 from .learner import *
@@ -23,5 +24,5 @@ from .schema import *
 from .safe import *
 from .onnx import *
 from .train import *
-from . import core, dicom, data, masks, datasets, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train
-__all__ = [name for module in (core, dicom, data, masks, datasets, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train) for name in module.__all__]
+from . import core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train
+__all__ = [name for module in (core, dicom, data, masks, datasets, cache, stem, weights, learner, unet, explain, distributed, schema, safe, onnx, train) for name in module.__all__]

@@ -13,7 +13,7 @@ from .train import (train_gray, check_train_args, resolve_arch, iter_predictions
                                TrainingError, DIGITS_SIZE, SIZE_RANGE, PICKLE_SUFFIXES)
 
 # %% auto #0
-__all__ = ['PROG', 'CliError', 'UsageError', 'train', 'predict', 'export', 'bench', 'main']
+__all__ = ['PROG', 'CliError', 'UsageError', 'train', 'predict', 'export', 'bench', 'cache', 'main']
 
 # %% ../nbs/05_cli.ipynb #ef663638
 PROG = 'fastai-gray'
@@ -80,7 +80,7 @@ def _check_out(out:Path, option:str='--out', overwrite:bool=True):
         with tempfile.TemporaryFile(dir=out.parent): pass
     except OSError as e: raise CliError(f"cannot write the model to {out}: {e}")
 
-_TRAIN_ARGS = ('task', 'epochs', 'freeze_epochs', 'size', 'bs', 'lr', 'init', 'seed', 'valid_pct', 'skip_bad')
+_TRAIN_ARGS = ('task', 'epochs', 'freeze_epochs', 'size', 'bs', 'lr', 'init', 'seed', 'valid_pct', 'skip_bad', 'cache')
 
 def _mapping(values:list|None) -> dict|None:
     "`--map`'s `VALUE:LABEL` pairs as a dict of ints; a `UsageError` for anything else"
@@ -232,6 +232,52 @@ def bench(argv:list, # the command-line arguments after `bench`, as strings
     if not callable(getattr(bench_module, 'main', None)): raise CliError("fastai_gray.bench has no main(argv) to run")
     return int(bench_module.main(list(argv)) or 0)
 
+# %% ../nbs/05_cli.ipynb #c4a8e1d2
+def cache(args, # the `cache` command's options, as `argparse` parses them (a `Namespace`)
+         ) -> int:
+    "`fastai-gray cache SOURCE DEST --size N`: build a gray cache of SOURCE in DEST (or reuse it), print what it holds and how fast it was built"
+    import time
+    from fastai_gray.cache import build_gray_cache
+    window_values, args.dest = _window_and_path(args.window, args.dest)
+    if args.dest is None: raise UsageError("the following arguments are required: DEST")
+    window, mapping = _window(window_values), _mapping(args.map)
+    if mapping and args.task != 'segment': raise UsageError("--map is for --task segment (mask values to labels)")
+    if args.size < 8: raise UsageError(f"--size must be at least 8 pixels, got {args.size}")
+    start = time.monotonic()
+    try:
+        with _warnings_to_stderr():
+            c = build_gray_cache(args.source, args.dest, args.size, args.task, args.method, window, mapping, args.skip_bad,
+                                 args.workers, overwrite=args.overwrite)
+    except UnreadableImagesError as e:
+        for f, reason in e.bad: print(f"{PROG}: bad image: {reason}", file=sys.stderr)
+        raise CliError(str(e).replace('cannot be read;', 'cannot be read (listed above);')) from None
+    except (DatasetError, FileExistsError) as e: raise CliError(str(e)) from None
+    except OSError as e: raise CliError(str(e)) from e
+    secs = time.monotonic() - start
+    holds = f"{len(c.vocab)} classes" if c.task == 'classify' else f"{len(c.codes)} codes"
+    print(f"{c.path}: {len(c)} images at {c.size} px ({c.images.dtype}), {holds}, {c.nbytes / 2**20:,.1f} MiB; "
+          f"{secs:.1f} s, {len(c) / max(secs, 1e-9):,.0f} images/s; train from it with `{PROG} train {c.path}`")
+    return 0
+
+def _cache_parser(sub, d:dict):
+    "Add the `cache` command to the subparsers `sub`; `d`: `train_gray`'s defaults, which it shares"
+    c = sub.add_parser('cache', help="resize gray images once into a cache that trains at the speed of the model",
+        description="Read every image of SOURCE once (any format and bit depth, DICOM too), resize it as training's validation "
+                    "set does, and store them in DEST: one memory-mapped array, an index (items.csv) and the settings "
+                    "(cache.json). `fastai-gray train DEST` then trains from it. Put --window after SOURCE DEST.")
+    c.add_argument('source', metavar='SOURCE', help="what `train` takes as PATH for the task: class folders, train/ and valid/, a "
+                   "CSV; images/ and masks/ (or a CSV) for --task segment")
+    c.add_argument('dest', nargs='?', metavar='DEST', help="the cache folder: new, empty, or a cache to reuse")
+    c.add_argument('--size', type=int, required=True, help="side of the cached square images in pixels")
+    c.add_argument('--task', choices=('classify', 'segment'), default=d['task'], help="default: %(default)s")
+    c.add_argument('--method', choices=('squish', 'crop', 'pad'), default='squish', help="Resize's method; default: %(default)s")
+    c.add_argument('--window', nargs='+', metavar='W', help="as train's --window: CENTER WIDTH, minmax, dicom or a CT preset")
+    c.add_argument('--map', action='append', metavar='VALUE:LABEL', help="segment: a mask value to a label, e.g. 255:1")
+    c.add_argument('--skip-bad', action='store_true', help="leave out image files that cannot be read (listed on stderr)")
+    c.add_argument('--workers', type=int, default=None, help="processes resizing the images (0: this one); default: the machine's cores")
+    c.add_argument('--overwrite', action='store_true', help="build again over a cache in DEST made with other settings")
+    c.set_defaults(func=cache)
+
 # %% ../nbs/05_cli.ipynb #282d7fa1
 def _positive_int(s:str) -> int:
     "argparse type: an int of 1 or more"
@@ -278,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--out', default='model.safetensors', help="model file to write: safetensors, or a fastai pickle for a .pkl name; "
                    "default: %(default)s in the current folder")
     t.add_argument('--overwrite', action='store_true', help="replace the --out file if it exists (else an error, before training)")
+    t.add_argument('--cache', metavar='DEST', help="build a gray cache of PATH at --size in DEST (or reuse the one there) and "
+                   "train from it; PATH may also be a cache itself (see `fastai-gray cache`)")
     t.set_defaults(func=train)
     pr = sub.add_parser('predict', help="predict the class (or the mask) of images with a model file",
         description="Print path<TAB>class<TAB>probability for each image, as it is predicted; with a segmentation model, write each image's label "
@@ -302,6 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument('--opset', type=_positive_int, default=None, help="ONNX opset; default: the exporter's")
     ex.add_argument('--trust-pickle', **trust)
     ex.set_defaults(func=export)
+    _cache_parser(sub, d)
     sub.add_parser('bench', help="benchmarks (fastai_gray.bench); `fastai-gray bench --help` for theirs", add_help=False)
     return p
 

@@ -6,10 +6,10 @@ Docs: https://fastai-gray.github.io/fastai_gray/train.html.md"""
 
 # %% ../nbs/04c_train.ipynb #7d4eb539
 from __future__ import annotations
-import itertools, os, statistics, sys, time, warnings
+import itertools, json, os, statistics, sys, time, warnings
 from pathlib import Path
 from .weights import LITE0_ARCH
-from .datasets import (DatasetWarning, image_files, labelled_images, digits_dataset, segmentation_items,
+from .datasets import (DatasetError, DatasetWarning, image_files, labelled_images, digits_dataset, segmentation_items,
                                   digits_segmentation_dataset)
 
 
@@ -184,6 +184,25 @@ def _check_ct_window(files:list, window):
         warnings.warn(f"window {window!r} is a CT preset in Hounsfield units, but {sum(other.values())} of the {len(dicoms)} DICOM files "
                       f"are not CT (Modality: {found}): their values are in other units; give a window in their units, or 'dicom'", DatasetWarning)
 
+def _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress):
+    "`(DataLoaders, task, size, codes, bs)` of the gray cache `cache` built from `path` (or reused), or of `path` when it is a cache"
+    from fastai.torch_core import set_seed
+    from fastai_gray.cache import GrayCache, build_gray_cache
+    if cache is not None:
+        if size is None: raise ValueError("size is needed to build a cache (cache=..., --cache): the side its images are stored at")
+        c = build_gray_cache(path, cache, size, task, window=window, mapping=mapping, skip_bad=skip_bad, progress=progress)
+    else:
+        c = GrayCache(path)
+        given = dict(size=size, window=window, mapping=mapping, task=None if task == 'classify' else task)  # 'classify': the default
+        built = dict(size=c.size, window=c.settings['window'], mapping=dict(c.settings['mapping'] or {}) or None, task=c.task)
+        differ = [f"{k} {built[k]!r} (given {v!r})" for k, v in given.items() if v is not None and _json_like(v) != _json_like(built[k])]
+        if differ: raise DatasetError(f"{path} is a gray cache built with other settings: {'; '.join(differ)}; build another (cache=...)")
+    bs = _fitting_bs(bs, len(c.splits(valid_pct, seed)[0]))
+    set_seed(seed)
+    return c.dataloaders(bs=bs, valid_pct=valid_pct, seed=seed), c.task, c.size, c.codes, bs
+
+def _json_like(v): return json.loads(json.dumps(v, default=str))
+
 def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders (or train/ and valid/ folders of them), or a CSV of filename,label rows; segment: a folder of images/ and masks/ (and codes.txt), or a CSV of image,mask rows; None: a digits demo
                task:str='classify', # 'classify' (`gray_learner`) or 'segment' (`gray_unet_learner`)
                arch=LITE0_ARCH, # a fastai arch or timm model, by name (`resolve_arch`) or as `gray_learner` takes it
@@ -200,6 +219,7 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
                mapping:dict|None=None, # segment: mask values to labels, e.g. {255: 1} for 0/255 masks
                skip_bad:bool=False, # leave out unreadable images (with a warning each) instead of raising `UnreadableImagesError`
                progress:bool|None=None, # fastai's progress bars (True) or one line per epoch (False); default: whether stdout is a terminal
+               cache:Path|str|None=None, # a gray cache folder to build from `path` (or reuse) and train from; `path` may also be a cache itself
               ):
     "A gray learner fine-tuned on the images at `path` (default: a digits demo): a classifier with accuracy, or a U-Net with Dice; a `TrainingError` if the loss is not finite"
     check_train_args(epochs, freeze_epochs, size, bs, lr, valid_pct)
@@ -211,22 +231,28 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
     demo = path is None
     if demo: path = digits_dataset() if task == 'classify' else digits_segmentation_dataset()
     else: path = Path(path).expanduser()
-    data = _classify_data if task == 'classify' else _segment_data
-    dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
     if isinstance(arch, str): arch_name, arch = arch, resolve_arch(arch)
     else: arch_name = getattr(arch, '__name__', str(arch))
-    files = items.iloc[:, 0].tolist()
-    if size: sized = ''
-    elif demo: size, sized = DIGITS_SIZE, ''
-    else:
-        side = _median_side(files)
-        size, sized = _size_for(side), f" (the images' median shorter side{f' is {side:g} px' if side else ' is unknown'})"
-    bs = _fitting_bs(bs, len(dblock.splitter(items)[0]))
-    _check_ct_window(files, window)
     progress = sys.stdout.isatty() if progress is None else progress
-    set_seed(seed)
-    dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
-    dls = dblock.dataloaders(items, bs=bs, num_workers=0)
+    from fastai_gray.cache import is_gray_cache
+    if cache is not None or is_gray_cache(path):
+        dls, task, size, codes, bs = _cache_dls(path, cache, task, size or (DIGITS_SIZE if demo else None), bs, valid_pct, seed, window,
+                                                mapping, skip_bad, progress or None)
+        sized = ''
+    else:
+        data = _classify_data if task == 'classify' else _segment_data
+        dblock, items, codes = data(path, valid_pct, seed, skip_bad, window, mapping)
+        files = items.iloc[:, 0].tolist()
+        if size: sized = ''
+        elif demo: size, sized = DIGITS_SIZE, ''
+        else:
+            side = _median_side(files)
+            size, sized = _size_for(side), f" (the images' median shorter side{f' is {side:g} px' if side else ' is unknown'})"
+        bs = _fitting_bs(bs, len(dblock.splitter(items)[0]))
+        _check_ct_window(files, window)
+        set_seed(seed)
+        dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
+        dls = dblock.dataloaders(items, bs=bs, num_workers=0)
     if codes is not None: dls.vocab = codes  # as fastai's SegmentationDataLoaders: the mask block keeps them in its transforms
     holds = f"{len(dls.vocab)} classes" if codes is None else f"{len(codes)} codes ({', '.join(map(str, codes[:6]))}{', ...' if len(codes) > 6 else ''})"
     with pretrained_weights_errors(arch_name): learn = _learner(task, dls, arch, pretrained, init)

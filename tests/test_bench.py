@@ -193,6 +193,6 @@ def test_a_quick_run_of_one_stage(res, tmp_path, capsys):
     from fastai_gray.cli import main as cli
     assert cli(['bench', '--quick', '--only', 'fidelity', '--out', str(tmp_path)]) == 0
     new = json.loads((tmp_path/'results.json').read_text())
-    assert new.keys() == res.keys() - {'accuracy', 'data', 'e2e', 'segment', 'onnx'}
+    assert new.keys() == res.keys() - {'accuracy', 'data', 'e2e', 'segment', 'onnx', 'gpu', 'cache'}
     assert _structure(new['fidelity']) == _structure(res['fidelity']) and new['mode'] == 'quick' and new['plots'] == ['fidelity.png']
     assert new['fidelity']['results']['ImageNet']['exact']['agreement'] == 1.0

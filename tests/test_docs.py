@@ -51,7 +51,7 @@ def test_module_pages_show_an_example_of_every_public_name():
     missing = {nb.name: m for nb in doc_audit.module_notebooks() if (m := doc_audit.missing_examples(nb))}
     assert not missing, f'no shown example with output (python tools/docs.py run NB saves outputs): {missing}'
 
-DOCUMENTED_MODULES = ('core', 'dicom', 'data', 'masks', 'datasets', 'stem', 'weights', 'learner', 'unet', 'explain', 'train', 'schema', 'safe', 'onnx',
+DOCUMENTED_MODULES = ('core', 'dicom', 'data', 'masks', 'datasets', 'cache', 'stem', 'weights', 'learner', 'unet', 'explain', 'train', 'schema', 'safe', 'onnx',
                       'distributed', 'cli')  # the package's modules (bench is apart: a script with a page)
 
 def _parameters_without_docments(module:str) -> dict:

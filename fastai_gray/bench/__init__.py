@@ -19,12 +19,13 @@ from .e2e import E2E
 from .segment import SEGMENT
 from .onnx import ONNX
 from .gpu import GPU
+from .cache import CACHE
 
 # %% auto #0
 __all__ = ['STAGES', 'SETTINGS', 'stage_settings', 'default_out', 'run_stages', 'merge_results', 'main']
 
 # %% ../../nbs/06_bench.ipynb #d8d43d86
-STAGES = dict(fidelity=FIDELITY, accuracy=ACCURACY, data=DATA, e2e=E2E, segment=SEGMENT, onnx=ONNX, gpu=GPU)  # the registry: name (results.json's key): Stage, in the order they run and report
+STAGES = dict(fidelity=FIDELITY, accuracy=ACCURACY, data=DATA, e2e=E2E, segment=SEGMENT, onnx=ONNX, gpu=GPU, cache=CACHE)  # the registry: name (results.json's key): Stage, in the order they run and report
 
 SETTINGS = {
     'quick': dict(fid_per_photo=1, acc_size=32, acc_train=400, acc_valid=300, acc_epochs=2, acc_lr=2e-3, acc_bs=16, seeds=3,

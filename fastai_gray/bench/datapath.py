@@ -39,7 +39,11 @@ def pipeline(which:str, size:int=224, stats=None, aug:bool=True) -> DataBlock:
 def time_data_path(folder:Path, pipelines=PIPELINES, size:int=224, bs:int=32, reps:int=3, aug:bool=True, threads:int=1) -> dict:
     "Per pipeline: images per second from the files in `folder/train` to normalized (augmented if `aug`) batches, `reps` interleaved passes"
     dls = {p: pipeline(p, size, aug=aug).dataloaders(folder, bs=bs, num_workers=0).train.new(drop_last=False) for p in pipelines}
-    res = {p: dict(ips=[]) for p in pipelines}
+    return _time_loaders(dls, reps, threads)
+
+def _time_loaders(dls:dict, reps:int=3, threads:int=1) -> dict:
+    "Per DataLoader of `dls`: images per second of a pass over it, `reps` interleaved passes after a first batch, with `threads` torch threads"
+    res = {p: dict(ips=[]) for p in dls}
     with _threads(threads):
         for p, dl in dls.items():  # warm-up: first batch, and the bytes of a batch
             xb, _ = dl.one_batch()
@@ -50,7 +54,7 @@ def time_data_path(folder:Path, pipelines=PIPELINES, size:int=224, bs:int=32, re
                 for xb, _ in dl: n += len(xb)
                 res[p]['ips'].append(n / (time.perf_counter() - start))
                 res[p]['n'] = n
-    for p in pipelines: res[p].update(_stats(res[p]['ips']))
+    for p in dls: res[p].update(_stats(res[p]['ips']))
     return res
 
 def draft_error(folder:Path, size:int=224) -> dict:
