@@ -97,10 +97,8 @@ def _resize_rows(folder:Path, start:int, files:list, masks:list|None, cfg:dict) 
     return sizes
 
 def _worker_init():
-    "Worker processes: one torch thread; pydicom imported once, before any thread could race to import it"
+    "Worker processes: one torch thread each (the workers share the machine's cores)"
     torch.set_num_threads(1)
-    try: import pydicom  # noqa: F401
-    except ImportError: pass
 
 # %% ../nbs/03b_cache.ipynb #d46207cd
 def _stage(progress:bool|None):
