@@ -375,10 +375,10 @@ def build_gray_cache(source, # what `train_gray` takes for `task`: a folder of c
     tmp.mkdir()
     try:
         t1 = time.monotonic()
-        del_ = np.lib.format.open_memmap(tmp/'images.npy', mode='w+', dtype=dtype, shape=(n, size, size)); del del_
+        np.lib.format.open_memmap(tmp/'images.npy', mode='w+', dtype=dtype, shape=(n, size, size))  # the empty arrays the workers fill
         if task == 'segment':
             mdt = np.uint8 if len(vocab) <= 256 else np.uint16
-            del_ = np.lib.format.open_memmap(tmp/'masks.npy', mode='w+', dtype=mdt, shape=(n, size, size)); del del_
+            np.lib.format.open_memmap(tmp/'masks.npy', mode='w+', dtype=mdt, shape=(n, size, size))
         cfg = dict(settings, codes=vocab)
         sizes = _resize_all(tmp, items, cfg, n_workers, bar)
         secs = time.monotonic() - t1

@@ -229,6 +229,24 @@ def bench_summary(res:dict) -> str:
                    f"thread{'s' * (o['threads'] != 1)}: " + ', '.join(f"{r['speedup']:.2f}x the images per second at batch {r['batch']}"
                                                                     for r in o['results'])
                    + f", outputs equal to {max(r['max_rel_diff'] for r in o['results']):.0e} (relative).")
+    if 'gpu' in res:
+        g = res['gpu']
+        if 'speed' in g:
+            out.append(f"- **GPU**{later('gpu')}, {g['device']}, forward and backward under {g['dtype']} autocast, batch {g['bs']} at "
+                       f"{g['px']} px: the exact stem's fused form runs at " + ', '.join(f"{r['exact fused']['ratio']:.2f} ({arch})"
+                                                                                         for arch, r in g['speed'].items())
+                       + " of the 3-channel model's images per second.")
+        else: out.append(f"- **GPU**{later('gpu')}: not measured (the run had no CUDA device; `fastai-gray bench --only gpu` on a machine with one).")
+    if 'cache' in res:
+        c = res['cache']
+        ld, ep, acc = c['loading'], c['epoch']['results'], c['accuracy']
+        out.append(f"- **Gray cache**{later('cache')}, {c['source_size']}-px files cached at {c['size']} px: training batches at "
+                   f"{ld['cache']['median'] / ld['gray']['median']:.1f}x the images per second of the gray file pipeline and "
+                   f"{ld['cache']['median'] / ld['rgb']['median']:.1f}x fastai's 3-channel one on one core; built at "
+                   f"{_span([v['median'] for v in c['build'].values()], '{:.0f}')} images per second from JPEG, PNG and 16-bit PNG "
+                   f"({c['cores']} processes); making batches is {ep['cache']['data_share']:.1%} of a CPU training epoch from the cache "
+                   f"against {ep['files']['data_share']:.1%} from files; digits accuracy {acc['cache']['mean']:.1%} from the cache and "
+                   f"{acc['files']['mean']:.1%} from the files, same split and seeds.")
     return '\n'.join(out)
 
 def bench_summary_markdown() -> str:

@@ -64,8 +64,8 @@ def _loaders(folder:Path, cache, size:int, bs:int) -> dict:
     return dls
 
 def time_loading(folder:Path, cache, bs:int=32, reps:int=3) -> dict:
-    "Per loader of `LOADERS`: images per second from `folder`'s files (or `cache`, built from them) to normalized batches, one torch thread, no workers, `reps` interleaved passes"
-    return _time_loaders(_loaders(folder, cache, cache.size, bs), reps, threads=1)
+    "Per loader of `LOADERS`: images per second from `folder`'s files (or `cache`, built from them) to normalized batches, one torch thread, no workers, `reps` interleaved measurements of at least a second each"
+    return _time_loaders(_loaders(folder, cache, cache.size, bs), reps, threads=1, min_seconds=1.)
 
 def time_epoch(folder:Path, cache, bs:int=16, reps:int=2, threads:int=1) -> dict:
     "Seconds of a CPU training epoch of the gray Lite0 classifier from `cache` and from `folder`'s files (the same images and size), and the part spent making batches; `reps` interleaved"
@@ -136,7 +136,8 @@ def cache_section(res:dict) -> list:
             f"(each build checks every file, then resizes them in {c['cores']} process{'es' * (c['cores'] != 1)}); {c['reps']} interleaved builds, images per second, median (min–max).\n",
             _md_table(('source', 'stored as', 'images/s'), [(k, v['dtype'], _spread(v, '{:.0f}')) for k, v in b.items()]),
             f"\n\nLoading: training batches of {ld['cache']['batch_shape'][0]} at {c['size']} px, normalized, no augmentation, one process and one "
-            f"torch thread (images per second per core), the cache's `GrayCacheDL` against the gray and fastai's 3-channel file pipelines on the same JPEGs.\n",
+            f"torch thread (images per second per core), the cache's `GrayCacheDL` against the gray and fastai's 3-channel file pipelines on the same JPEGs; "
+            f"{c['reps']} interleaved measurements, each of as many passes over the {ld['cache']['n']} images as last a second, median (min–max).\n",
             _md_table(('loader', 'images/s', 'ratio to gray files'), [(k, _spread(v, '{:.0f}'), f"{_ratio(v['median'], ld['gray']['median']):.1f}") for k, v in ld.items()]),
             f"\n\nA CPU training epoch of the gray Lite0 classifier ({e['n']} images at {e['size']} px, batch {e['bs']}, one thread): the model bounds both.\n",
             _md_table(('from', 'seconds', 'share making batches'), [(k, _spread(v, '{:.1f}'), f"{v['data_share']:.1%}") for k, v in e['results'].items()]),

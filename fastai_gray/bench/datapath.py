@@ -41,8 +41,8 @@ def time_data_path(folder:Path, pipelines=PIPELINES, size:int=224, bs:int=32, re
     dls = {p: pipeline(p, size, aug=aug).dataloaders(folder, bs=bs, num_workers=0).train.new(drop_last=False) for p in pipelines}
     return _time_loaders(dls, reps, threads)
 
-def _time_loaders(dls:dict, reps:int=3, threads:int=1) -> dict:
-    "Per DataLoader of `dls`: images per second of a pass over it, `reps` interleaved passes after a first batch, with `threads` torch threads"
+def _time_loaders(dls:dict, reps:int=3, threads:int=1, min_seconds:float=0.) -> dict:
+    "Per DataLoader of `dls`: images per second of a pass over it (of as many passes as last `min_seconds`: a fast loader's pass is too short to time alone), `reps` interleaved measurements after a first batch, with `threads` torch threads"
     res = {p: dict(ips=[]) for p in dls}
     with _threads(threads):
         for p, dl in dls.items():  # warm-up: first batch, and the bytes of a batch
@@ -50,10 +50,12 @@ def _time_loaders(dls:dict, reps:int=3, threads:int=1) -> dict:
             res[p].update(batch_shape=list(xb.shape), batch_bytes=xb.nbytes)
         for _ in range(reps):
             for p, dl in dls.items():
-                start, n = time.perf_counter(), 0
-                for xb, _ in dl: n += len(xb)
+                start, n, passes = time.perf_counter(), 0, 0
+                while not passes or time.perf_counter() - start < min_seconds:
+                    for xb, _ in dl: n += len(xb)
+                    passes += 1
                 res[p]['ips'].append(n / (time.perf_counter() - start))
-                res[p]['n'] = n
+                res[p]['n'] = n // passes
     for p in dls: res[p].update(_stats(res[p]['ips']))
     return res
 
