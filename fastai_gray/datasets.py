@@ -158,19 +158,34 @@ def _check_classes(path:Path, labels:list, skipped:str=''):
         what = f"one class only ({classes[0]!r})" if classes else 'no images'
         raise DatasetError(f"{path} has {what}{skipped}; training needs two or more classes")
 
+def _check_ct_window(files:list, window):
+    "A `DatasetWarning`, once, if `window` is a CT preset (Hounsfield units) and some of the DICOM `files` are not CT, naming their modalities"
+    from fastai_gray.dicom import WINDOWS, is_dicom, dicom_headers
+    if not (isinstance(window, str) and window in WINDOWS): return
+    dicoms = [f for f in files if is_dicom(f)]
+    if not dicoms: return
+    modalities = dicom_headers(dicoms, tags=['Modality']).Modality.fillna('not given').value_counts()
+    other = {m: n for m, n in modalities.items() if m != 'CT'}
+    if other:
+        found = ', '.join(f"{n} {m}" for m, n in other.items())
+        warnings.warn(f"window {window!r} is a CT preset in Hounsfield units, but {sum(other.values())} of the {len(dicoms)} DICOM files "
+                      f"are not CT (Modality: {found}): their values are in other units; give a window in their units, or 'dicom'", DatasetWarning)
+
 def _readable(items:list, valid:list|None, skip_bad:bool=False, window=None) -> tuple[list, list|None]:
-    "`(items, valid)` without the files the gray pipeline cannot read: an `UnreadableImagesError`, or a warning for each if `skip_bad`"
+    "`(items, valid)` without the files the gray pipeline cannot read: an `UnreadableImagesError`, or a warning for each if `skip_bad`; then `_check_ct_window` on the rest"
     from fastai_gray.data import verify_gray_images
     bad = verify_gray_images([f for f, _ in items], window=window, progress=False)
-    if not bad: return items, valid
-    summary = f"{len(bad)} of {len(items)} image files cannot be read"
-    if not skip_bad: raise UnreadableImagesError(f"{summary}; fix or remove them, or skip them (skip_bad, --skip-bad)", list(bad))
-    for f, reason in bad: warnings.warn(f"skipping: {reason}", DatasetWarning, stacklevel=3)
-    warnings.warn(f"{summary}; left out (skip_bad)", DatasetWarning, stacklevel=3)
-    bad_files = {str(f) for f, _ in bad}
-    keep = [i for i, (f, _) in enumerate(items) if str(f) not in bad_files]
-    was_valid = set(valid or [])
-    return [items[i] for i in keep], None if valid is None else [j for j, i in enumerate(keep) if i in was_valid]
+    if bad:
+        summary = f"{len(bad)} of {len(items)} image files cannot be read"
+        if not skip_bad: raise UnreadableImagesError(f"{summary}; fix or remove them, or skip them (skip_bad, --skip-bad)", list(bad))
+        for f, reason in bad: warnings.warn(f"skipping: {reason}", DatasetWarning, stacklevel=3)
+        warnings.warn(f"{summary}; left out (skip_bad)", DatasetWarning, stacklevel=3)
+        bad_files = {str(f) for f, _ in bad}
+        keep = [i for i, (f, _) in enumerate(items) if str(f) not in bad_files]
+        was_valid = set(valid or [])
+        items, valid = [items[i] for i in keep], None if valid is None else [j for j, i in enumerate(keep) if i in was_valid]
+    _check_ct_window([f for f, _ in items], window)
+    return items, valid
 
 def _listed_items(path:Path) -> tuple[list, list|None]:
     "`(items, valid)` of the folder or CSV at `path`, a warning for images outside class folders"

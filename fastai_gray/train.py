@@ -171,19 +171,6 @@ def _fitting_bs(bs:int, n_train:int) -> int:
     warnings.warn(f"bs {bs} is more than the {n_train} training images: lowered to {n_train} (training drops a partial batch)", DatasetWarning)
     return n_train
 
-def _check_ct_window(files:list, window):
-    "A `DatasetWarning`, once, if `window` is a CT preset (Hounsfield units) and some of the DICOM `files` are not CT, naming their modalities"
-    from fastai_gray.dicom import WINDOWS, is_dicom, dicom_headers
-    if not (isinstance(window, str) and window in WINDOWS): return
-    dicoms = [f for f in files if is_dicom(f)]
-    if not dicoms: return
-    modalities = dicom_headers(dicoms, tags=['Modality']).Modality.fillna('not given').value_counts()
-    other = {m: n for m, n in modalities.items() if m != 'CT'}
-    if other:
-        found = ', '.join(f"{n} {m}" for m, n in other.items())
-        warnings.warn(f"window {window!r} is a CT preset in Hounsfield units, but {sum(other.values())} of the {len(dicoms)} DICOM files "
-                      f"are not CT (Modality: {found}): their values are in other units; give a window in their units, or 'dicom'", DatasetWarning)
-
 def _cache_dls(path, cache, task, size, bs, valid_pct, seed, window, mapping, skip_bad, progress):
     "`(DataLoaders, task, size, codes, bs)` of the gray cache `cache` built from `path` (or reused), or of `path` when it is a cache"
     from fastai.torch_core import set_seed
@@ -249,7 +236,6 @@ def train_gray(path:Path|str|None=None, # classify: a folder of class subfolders
             side = _median_side(files)
             size, sized = _size_for(side), f" (the images' median shorter side{f' is {side:g} px' if side else ' is unknown'})"
         bs = _fitting_bs(bs, len(dblock.splitter(items)[0]))
-        _check_ct_window(files, window)
         set_seed(seed)
         dblock.item_tfms = [*dblock.item_tfms, Resize(size, method='squish')]
         dls = dblock.dataloaders(items, bs=bs, num_workers=0)

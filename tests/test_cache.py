@@ -77,6 +77,15 @@ def test_dicom_through_a_window(tmp_path):
     assert cache.images.dtype == np.uint16 and cache.settings['window'] == [40, 400]
     _same_as_files(cache, _file_dls(src, 32, window=(40, 400)), exact=False)
 
+def test_ct_preset_on_other_modalities_warns_as_in_training(tmp_path):
+    "The data layer's check, which `train_gray` also meets: a CT preset on MR files warns once, naming the modality"
+    src = _dicom_folder(tmp_path/'src')
+    from pydicom.data import get_testdata_file
+    (src/'c0'/'mr.dcm').write_bytes(Path(get_testdata_file('MR_small.dcm')).read_bytes())
+    with pytest.warns(DatasetWarning) as record: build_gray_cache(src, tmp_path/'cache', 16, window='lungs', n_workers=0, progress=False)
+    ct = [w for w in record if 'CT preset' in str(w.message)]
+    assert len(ct) == 1 and 'Modality: 1 MR' in str(ct[0].message)
+
 def test_masks_nearest_and_checked(tmp_path):
     src = digits_segmentation_dataset(tmp_path/'seg', n=20, size=40)
     cache = build_gray_cache(src, tmp_path/'cache', 24, task='segment', n_workers=2, progress=False)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from fastai_gray.datasets import DatasetWarning
-from fastai_gray.train import (SIZE_RANGE, default_size, expand_files, export_model, write_mask, _size_for, _check_ct_window,
+from fastai_gray.datasets import _check_ct_window
+from fastai_gray.train import (SIZE_RANGE, default_size, expand_files, export_model, write_mask, _size_for,
                                _fitting_bs)
 
 
