@@ -17,7 +17,7 @@ from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, ColReader, 
 from fastai_gray.all import (GrayImageBlock, GrayMaskBlock, GrayCallback, ExactGrayConv, gray_learner, gray_unet_learner,
                              update_first_layer, find_first_conv, rgb_and_gray, rel_error, lite0_checkpoint,
                              digits_segmentation_dataset, segmentation_items, load_learner_safe, load_model_file, export_onnx,
-                             NormalizedGray)
+                             NormalizedGray, build_gray_cache)
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device('cuda')
@@ -155,6 +155,22 @@ def test_gray_callback_on_cuda_batches(folder, tmp_path):
     assert x.device.type == DEV.type and x.shape[1] == 1
     assert (x - want).abs().max() * 0.5 <= 1/255 + 1e-6   # gray std 0.5 for Lite0: within one 8-bit level
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert finite(learn) and next(learn.model.parameters()).device.type == DEV.type
+
+
+def test_cache_dataloaders_on_cuda(folder, tmp_path):
+    """A gray cache's batches go to the GPU as stored (8-bit integers) and become float there, equal to the CPU's batches;
+    a bf16 classifier trains from them (issue 19: the cache's DataLoader on CUDA)"""
+    cache = build_gray_cache(folder, tmp_path/'cache', 64, n_workers=0, progress=False)
+    cuda, cpu = cache.dataloaders(bs=8, device=DEV), cache.dataloaders(bs=8, device='cpu')
+    raw, _ = cuda.train._batch(cuda.train.rows[:4])
+    assert raw.device.type == DEV.type and raw.dtype == torch.uint8
+    (x, y), (cx, cy) = cuda.valid.one_batch(), cpu.valid.one_batch()
+    assert x.device.type == DEV.type and x.dtype == torch.float32
+    assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
+    set_seed(0)
+    learn = gray_learner(cuda, LITE0, metrics=accuracy, path=tmp_path).to_bf16()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 3e-3)
     assert finite(learn) and next(learn.model.parameters()).device.type == DEV.type
 
 
