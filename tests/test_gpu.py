@@ -17,7 +17,7 @@ from fastai.vision.all import (DataBlock, CategoryBlock, ImageBlock, ColReader, 
 from fastai_gray.all import (GrayImageBlock, GrayMaskBlock, GrayCallback, ExactGrayConv, gray_learner, gray_unet_learner,
                              update_first_layer, find_first_conv, rgb_and_gray, rel_error, lite0_checkpoint,
                              digits_segmentation_dataset, segmentation_items, load_learner_safe, load_model_file, export_onnx,
-                             NormalizedGray, build_gray_cache)
+                             NormalizedGray, build_gray_cache, heatmaps)
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device('cuda')
@@ -156,6 +156,15 @@ def test_gray_callback_on_cuda_batches(folder, tmp_path):
     assert (x - want).abs().max() * 0.5 <= 1/255 + 1e-6   # gray std 0.5 for Lite0: within one 8-bit level
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert finite(learn) and next(learn.model.parameters()).device.type == DEV.type
+
+
+def test_heatmaps_from_a_cuda_learner(classifier, folder):
+    "heatmaps on the GPU (issue 20): a map in [0, 1] at each image's own size, the learner left on the GPU in the mode it had"
+    learn, _ = classifier('fp32')
+    files, training = get_image_files(folder)[:4], learn.model.training
+    hm = heatmaps(learn, files)
+    assert [m.shape for m in hm] == [(64, 64)] * 4 and all(0 <= m.min() and m.max() <= 1 for m in hm)
+    assert next(learn.model.parameters()).device.type == DEV.type and learn.model.training == training
 
 
 def test_cache_dataloaders_on_cuda(folder, tmp_path):
