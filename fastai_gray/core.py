@@ -1,4 +1,4 @@
-"""The numbers every other module builds on: how RGB becomes gray, and which normalization a gray image needs.
+"""The numbers every other module builds on: how RGB becomes gray, and which normalization a gray image needs; and the one way files are written whole.
 
 Docs: https://fastai-gray.github.io/fastai_gray/core.html.md"""
 
@@ -6,6 +6,8 @@ Docs: https://fastai-gray.github.io/fastai_gray/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #bc6e2e86
 from __future__ import annotations
+import contextlib, os
+from pathlib import Path
 import numpy as np, torch
 from fastai.vision.core import imagenet_stats
 
@@ -70,3 +72,14 @@ def rel_error(a,                 # the values to judge: a tensor or array
     if dim is None: return ((a - b).norm() / b.norm().clamp_min(tiny)).item()
     a, b = (v.movedim(dim, 0).reshape(v.shape[dim], -1) for v in (a, b))
     return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(tiny)
+
+# %% ../nbs/00_core.ipynb #a70m1c02
+@contextlib.contextmanager
+def _atomic_path(path:Path):
+    "A temporary name beside `path` (`.NAME.PID.tmp`) to write to: renamed to `path` when the block ends, removed if it fails"
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from fastcore.meta import delegates
 from fastai.torch_core import to_device
 from fastai.vision.augment import Resize, CropPad, RandomResizedCrop, RandomResizedCropGPU, RandTransform, AffineCoordTfm
 from PIL import Image
+from .core import _atomic_path
 from .learner import GrayCallback
 
 # %% auto #0
@@ -354,9 +355,5 @@ def write_heatmaps(learn,               # a trained classifier: `gray_learner`, 
     for i in range(0, len(files), bs):
         hm = heatmaps(learn, files[i:i + bs], bs=bs, **kwargs)
         for o, im, m in zip(outs[i:i + bs], hm.images, hm):
-            tmp = o.with_name(f".{o.name}.tmp")
-            try:
-                Image.fromarray(_overlay(im, m, alpha, cmap)).save(tmp, format='PNG')
-                os.replace(tmp, o)
-            finally: tmp.unlink(missing_ok=True)
+            with _atomic_path(o) as tmp: Image.fromarray(_overlay(im, m, alpha, cmap)).save(tmp, format='PNG')
     return outs

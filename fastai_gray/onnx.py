@@ -6,7 +6,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/onnx.html.md"""
 
 # %% ../nbs/08c_onnx.ipynb #7c2f5e43
 from __future__ import annotations
-import json, os, types, warnings
+import json, types, warnings
 from copy import deepcopy
 from pathlib import Path
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.vision.models.unet import UnetBlock, ResizeToOrig
+from .core import _atomic_path
 from .schema import _rebuild_model
 from .safe import model_meta_of
 
@@ -86,9 +87,8 @@ def export_onnx(learn:Learner, # a learner made by `gray_learner` or `gray_unet_
     size = meta['input']['size'] or (meta['model']['img_size'] if meta['task'] == 'segment' else [64, 64])
     path = Path(fname)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     axes = {0: 'batch', 2: 'height', 3: 'width'}
-    try:
+    with _atomic_path(path) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the tracer's notes on shape arithmetic; checked below by running the file at two sizes
             torch.onnx.export(net, (torch.rand(1, 1, *size),), str(tmp), dynamo=False, opset_version=opset, input_names=['image'],
@@ -98,6 +98,4 @@ def export_onnx(learn:Learner, # a learner made by `gray_learner` or `gray_unet_
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
         _check_onnx(net, tmp, [size, _odd_size(size)])
-        tmp.replace(path)
-    finally: tmp.unlink(missing_ok=True)
     return path

@@ -22,7 +22,7 @@ from fastai.vision.core import PILMask, AddMaskCodes
 from fastai.vision.learner import model_meta, _default_meta
 from PIL import Image
 from . import __version__
-from .core import check_stats
+from .core import check_stats, _atomic_path
 from .data import PILImageGray, TensorImageGray, _GrayOpener, _gray_settings
 from .schema import (MODEL_FORMAT, MODEL_FORMAT_VERSION, ModelFileError, PickleRefusedError, check_model_meta, _MAX_HEADER,
                                 _MODEL_FIELDS, _TASK_FIELDS, _UNET_FIELDS, _arch, _arch_name, _is_int, _rebuild_model)
@@ -237,12 +237,9 @@ def export_safe(self:Learner,
     _same_outputs(self.model, rebuilt, meta)
     path = Path(self.path)/fname
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
+    with _atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
         _as_user_file(tmp)
-        tmp.replace(path)
-    finally: tmp.unlink(missing_ok=True)
     return path
 
 # %% ../nbs/08b_safe.ipynb #f9665b25

@@ -6,8 +6,9 @@ Docs: https://fastai-gray.github.io/fastai_gray/train.html.md"""
 
 # %% ../nbs/04c_train.ipynb #7d4eb539
 from __future__ import annotations
-import itertools, json, os, statistics, sys, time, warnings
+import itertools, json, statistics, sys, time, warnings
 from pathlib import Path
+from .core import _atomic_path
 from .weights import LITE0_ARCH
 from .datasets import (DatasetError, DatasetWarning, image_files, labelled_images, digits_dataset, segmentation_items,
                                   digits_segmentation_dataset)
@@ -259,14 +260,6 @@ PICKLE_SUFFIXES = ('.pkl', '.pickle')  # model file names that `export_model` wr
 def _exists_error(path:Path) -> FileExistsError:
     return FileExistsError(f"{path} exists; it was not replaced (overwrite=True replaces it)")
 
-def _write_atomically(path:Path, write):
-    "`write(tmp)` to a temporary file in `path`'s folder, then renamed to `path`: a kill leaves the old file or none, never half of one"
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-
 def export_model(learn, # a trained fastai classifier or U-Net, e.g. from `train_gray`
                  fname:Path|str, # the model file: safetensors, or fastai's pickle for a .pkl or .pickle name
                  overwrite:bool=False, # replace `fname` if it exists (else a `FileExistsError`)
@@ -275,8 +268,9 @@ def export_model(learn, # a trained fastai classifier or U-Net, e.g. from `train
     import fastai_gray.safe  # Learner.export_safe
     path = Path(fname).expanduser().absolute()
     if path.exists() and not overwrite: raise _exists_error(Path(fname))
-    if path.suffix.lower() in PICKLE_SUFFIXES: _write_atomically(path, learn.export)
-    else: learn.export_safe(path)  # a temporary file renamed, as `_write_atomically`
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        with _atomic_path(path) as tmp: learn.export(tmp)
+    else: learn.export_safe(path)  # written whole, as `_atomic_path` does
     return path
 
 def write_mask(mask, # a label mask: a 2-d array of non-negative ints, e.g. a `mask` of `iter_predictions`
@@ -289,7 +283,7 @@ def write_mask(mask, # a label mask: a 2-d array of non-negative ints, e.g. a `m
     path = Path(fname)
     if path.exists() and not overwrite: raise _exists_error(path)
     image = Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16))
-    _write_atomically(path, lambda tmp: image.save(tmp, format='PNG'))
+    with _atomic_path(path) as tmp: image.save(tmp, format='PNG')
     return path
 
 

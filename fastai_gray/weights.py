@@ -8,6 +8,7 @@ Docs: https://fastai-gray.github.io/fastai_gray/weights.html.md"""
 from __future__ import annotations
 import contextlib, os
 from pathlib import Path
+from .core import _atomic_path
 
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'cache_dir', 'lite0_checkpoint', 'timm_offline_kwargs', 'PretrainedWeightsError',
@@ -38,9 +39,7 @@ def lite0_checkpoint(cache:Path|None=None, # the folder to keep the converted ch
             raise RuntimeError(f"Lite0 checkpoint tensor {src} {tuple(w.shape)} does not fit timm's {key} {tuple(ref.shape)}")
         converted[key] = w
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(f'.tmp{os.getpid()}')
-    torch.save(converted, tmp)
-    tmp.replace(dest)
+    with _atomic_path(dest) as tmp: torch.save(converted, tmp)
     return dest
 
 # %% ../nbs/03_weights.ipynb #abd72399
