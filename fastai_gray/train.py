@@ -8,7 +8,6 @@ Docs: https://fastai-gray.github.io/fastai_gray/train.html.md"""
 from __future__ import annotations
 import itertools, json, statistics, sys, time, warnings
 from pathlib import Path
-from .core import _atomic_path
 from .weights import LITE0_ARCH
 from .datasets import (DatasetError, DatasetWarning, image_files, labelled_images, digits_dataset, segmentation_items,
                                   digits_segmentation_dataset)
@@ -266,6 +265,7 @@ def export_model(learn, # a trained fastai classifier or U-Net, e.g. from `train
                 ) -> Path:
     "Write `learn` to model file `fname` atomically (a kill never leaves half a file under its name): safetensors (`export_safe`), or fastai's pickle (`learn.export`) for a .pkl name; its path"
     import fastai_gray.safe  # Learner.export_safe
+    from fastai_gray.core import _atomic_path
     path = Path(fname).expanduser().absolute()
     if path.exists() and not overwrite: raise _exists_error(Path(fname))
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -280,6 +280,7 @@ def write_mask(mask, # a label mask: a 2-d array of non-negative ints, e.g. a `m
     "Write label mask `mask` atomically as a PNG of its label values (8-bit, or 16-bit for labels over 255); its path"
     import numpy as np
     from PIL import Image
+    from fastai_gray.core import _atomic_path  # here: core imports fastai, which the CLI's start-up leaves out
     path = Path(fname)
     if path.exists() and not overwrite: raise _exists_error(path)
     image = Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16))

@@ -8,7 +8,6 @@ Docs: https://fastai-gray.github.io/fastai_gray/weights.html.md"""
 from __future__ import annotations
 import contextlib, os
 from pathlib import Path
-from .core import _atomic_path
 
 # %% auto #0
 __all__ = ['LITE0_ARCH', 'cache_dir', 'lite0_checkpoint', 'timm_offline_kwargs', 'PretrainedWeightsError',
@@ -39,6 +38,7 @@ def lite0_checkpoint(cache:Path|None=None, # the folder to keep the converted ch
             raise RuntimeError(f"Lite0 checkpoint tensor {src} {tuple(w.shape)} does not fit timm's {key} {tuple(ref.shape)}")
         converted[key] = w
     dest.parent.mkdir(parents=True, exist_ok=True)
+    from fastai_gray.core import _atomic_path  # here, not at import: core imports fastai, which the CLI's start-up leaves out
     with _atomic_path(dest) as tmp: torch.save(converted, tmp)
     return dest
 
